@@ -47,7 +47,7 @@ __all__ = [
     "IFGSM",
     "PGD",
     "InvFGSM",
-    "Targeted",
+    "KurakinIFGSM",
     "inverted_target",
     "constant_target",
     "kurakin_steps",
@@ -88,8 +88,12 @@ class Attack(abc.ABC):
         eps: L∞ radius ε ≥ 0 (a number, or per-sample values of shape (B,)).
         loss: ``"ce"``, ``"dice"`` (soft Dice of seed 001, Eq. 5–6, background excluded), ``"dicece"``,
             or a callable ``(logits, y) -> scalar``.
-        targeted: ``y`` holds target labels and the attack descends the loss toward them.
+        targeted: descend the loss toward target labels instead of ascending it away from ``y``.
         clip: ``(low, high)`` valid input range, or ``None``.
+        target_fn: with ``targeted=True``, maps the true labels (B, 1, *spatial) to the target labels, so
+            the attack is called with true labels like any other (e.g. :func:`inverted_target`, NLCEN;
+            ``functools.partial(constant_target, label=1)``, the BraTS ti-FGSM). Without it, ``y`` passed to
+            a targeted attack *is* the target.
     """
 
     #: +1 ascends the loss (untargeted), −1 descends it (targeted, inverse FGSM); set by ``__init__``.
@@ -102,6 +106,7 @@ class Attack(abc.ABC):
         loss: str | Callable = "ce",
         targeted: bool = False,
         clip: Sequence[float] | None = None,
+        target_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if not callable(forward):
             raise ValueError(f"forward: expected a callable returning logits, got {type(forward).__name__}")
@@ -112,6 +117,11 @@ class Attack(abc.ABC):
         self.targeted = bool(targeted)
         self.clip = check_clip(clip)
         self.direction = -1 if self.targeted else 1
+        if target_fn is not None and not self.targeted:
+            raise ValueError("target_fn: only a targeted attack (targeted=True) takes a target function")
+        if target_fn is not None and not callable(target_fn):
+            raise ValueError(f"target_fn: expected a callable, got {type(target_fn).__name__}")
+        self.target_fn = target_fn
 
     # -- the one thing a subclass writes -------------------------------------------------------------
     @abc.abstractmethod
@@ -123,6 +133,9 @@ class Attack(abc.ABC):
         check_image(x, "x")
         check_label_map(y, x, "y")
         x = x.detach()
+        if self.target_fn is not None:
+            y = self.target_fn(y)
+            check_label_map(y, x, "target_fn(y)")
         with torch.enable_grad():
             x_adv = self.perturb(x, y)
         return x_adv.detach().to(x.dtype)
@@ -192,7 +205,8 @@ class IFGSM(Attack):
     after every step.
 
     Args:
-        alpha: step size α ≥ 0 (number or per-sample (B,)).
+        alpha: step size α ≥ 0 (number or per-sample (B,)); ``None`` gives α = ε / N, the BraTS paper's
+            αN = ε budget.
         steps: number of iterations N ≥ 1.
         random_start: start from a uniform point in the ε-ball (PGD, Madry et al. 2018).
         generator: optional ``torch.Generator`` for the random start.
@@ -202,17 +216,18 @@ class IFGSM(Attack):
         self,
         forward: Callable,
         eps: Number | torch.Tensor,
-        alpha: Number | torch.Tensor,
-        steps: int,
+        alpha: Number | torch.Tensor | None = None,
+        steps: int = 10,
         loss: str | Callable = "ce",
         targeted: bool = False,
         clip: Sequence[float] | None = None,
         random_start: bool = False,
         generator: torch.Generator | None = None,
+        target_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
-        super().__init__(forward, eps, loss=loss, targeted=targeted, clip=clip)
-        self.alpha = _as_eps(alpha, "alpha")
+        super().__init__(forward, eps, loss=loss, targeted=targeted, clip=clip, target_fn=target_fn)
         self.steps = check_positive_int(steps, "steps")
+        self.alpha = self.eps / self.steps if alpha is None else _as_eps(alpha, "alpha")
         self.random_start = bool(random_start)
         self.generator = generator
 
@@ -240,37 +255,50 @@ class PGD(IFGSM):
         self,
         forward: Callable,
         eps: Number | torch.Tensor,
-        alpha: Number | torch.Tensor,
-        steps: int,
+        alpha: Number | torch.Tensor | None = None,
+        steps: int = 10,
         loss: str | Callable = "ce",
         targeted: bool = False,
         clip: Sequence[float] | None = None,
         generator: torch.Generator | None = None,
+        target_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
-        super().__init__(forward, eps, alpha, steps, loss, targeted, clip, random_start=True, generator=generator)
+        super().__init__(
+            forward, eps, alpha, steps, loss, targeted, clip, random_start=True, generator=generator, target_fn=target_fn
+        )
 
 
-class Targeted:
-    """Wrap a targeted attack so that it is called with the *true* labels like any other attack:
-    ``Targeted(attack, target_fn)(x, y) == attack(x, target_fn(y))``.
+class KurakinIFGSM(IFGSM):
+    """The basic iterative method with Kurakin et al.'s schedule, as the NLCEN paper (seed 000) runs it:
+    α = 1 and N = min(ε + 4, ⌈1.25 ε⌉) on the 0–255 pixel scale (:func:`kurakin_steps`).
 
-    ``target_fn`` maps (B, 1, *spatial) labels to target labels of the same shape, e.g.
-    :func:`inverted_target` (NLCEN: the inverted mask) or ``functools.partial(constant_target, label=1)``
-    (the BraTS paper's ti-FGSM: every voxel labelled 1).
+    ``eps`` is in input units like every attack; ``input_range`` (the span that 0–255 maps to) converts
+    between the two scales, e.g. (0, 1) for inputs scaled to [0, 1].
     """
 
-    def __init__(self, attack: Attack, target_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        if not getattr(attack, "targeted", False):
-            raise ValueError("attack: Targeted needs an attack built with targeted=True")
-        self.attack = attack
-        self.target_fn = target_fn
-        self.eps = attack.eps
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.attack(x, self.target_fn(y))
-
-    def __repr__(self) -> str:
-        return f"Targeted({self.attack!r}, target={getattr(self.target_fn, '__name__', self.target_fn)})"
+    def __init__(
+        self,
+        forward: Callable,
+        eps: Number,
+        input_range: Sequence[float] = (0.0, 1.0),
+        alpha_pixels: float = 1.0,
+        loss: str | Callable = "ce",
+        targeted: bool = False,
+        clip: Sequence[float] | None = None,
+        target_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        low, high = check_clip(input_range, "input_range")
+        eps_pixels = check_nonnegative(eps, "eps") * 255.0 / (high - low)
+        super().__init__(
+            forward,
+            eps,
+            alpha=eps_from_pixel_scale(alpha_pixels, (low, high)),
+            steps=kurakin_steps(round(eps_pixels, 6)),
+            loss=loss,
+            targeted=targeted,
+            clip=clip,
+            target_fn=target_fn,
+        )
 
 
 def inverted_target(y: torch.Tensor, foreground: int = 1) -> torch.Tensor:

@@ -14,7 +14,7 @@ from common.attacks import (
     IFGSM,
     PGD,
     InvFGSM,
-    Targeted,
+    KurakinIFGSM,
     constant_target,
     eps_from_hu_window,
     eps_from_max_fraction,
@@ -118,7 +118,8 @@ def all_attacks(forward, eps=0.04):
         "ifgsm_dicece": IFGSM(forward, eps, alpha=0.01, steps=5, loss="dicece", clip=clip),
         "pgd": PGD(forward, eps, alpha=0.01, steps=5, clip=clip, generator=torch.Generator().manual_seed(0)),
         "invfgsm": InvFGSM(forward, eps, clip=clip),
-        "targeted_ifgsm": Targeted(IFGSM(forward, eps, 0.01, 5, targeted=True, clip=clip), inverted_target),
+        "targeted_ifgsm": IFGSM(forward, eps, 0.01, 5, targeted=True, clip=clip, target_fn=inverted_target),
+        "kurakin": KurakinIFGSM(forward, eps, targeted=True, clip=clip, target_fn=inverted_target),
         "callable_loss": FGSM(forward, eps, loss=lambda logits, y: logits[:, 1].mean(), clip=clip),
     }
 
@@ -217,7 +218,8 @@ def test_single_channel_sigmoid_output():
         (lambda m: FGSM(m, 0.1, loss="hinge"), None, "loss"),
         (lambda m: FGSM(m, 0.1, clip=(1.0, 0.0)), None, "clip"),
         (lambda m: FGSM("not a model", 0.1), None, "forward"),
-        (lambda m: Targeted(FGSM(m, 0.1), inverted_target), None, "attack"),
+        (lambda m: FGSM(m, 0.1, target_fn=inverted_target), None, "target_fn"),
+        (lambda m: FGSM(m, 0.1, targeted=True, target_fn=lambda y: y[..., :-1]), lambda a, x, y: a(x, y), "target_fn"),
     ],
 )
 def test_bad_input_raises_value_error_naming_the_argument(build, call, argument):
@@ -246,6 +248,27 @@ def test_unit_helpers():
     torch.testing.assert_close(per_case, torch.tensor([0.2, 0.1]))
     with pytest.raises(ValueError, match="^std_hu"):
         eps_from_hu_window(0.03, 0.0)
+
+
+def test_target_fn_maps_true_labels_to_targets():
+    model = linear_model(2)
+    x, y = make_batch(2)
+    target = functools.partial(constant_target, label=1)
+    with_fn = IFGSM(model, 0.05, steps=4, targeted=True, target_fn=target)(x, y)
+    explicit = IFGSM(model, 0.05, steps=4, targeted=True)(x, target(y))
+    torch.testing.assert_close(with_fn, explicit)
+
+
+def test_default_alpha_is_eps_over_steps_and_kurakin_schedule():
+    model = linear_model(2)
+    x, y = make_batch(2)
+    assert IFGSM(model, 0.05, steps=10).alpha == pytest.approx(0.005)
+    k = KurakinIFGSM(model, eps_from_pixel_scale(8), input_range=(0.0, 1.0))
+    assert k.steps == 10 and k.alpha == pytest.approx(1 / 255)
+    k = KurakinIFGSM(model, eps_from_pixel_scale(0.5, (-1, 1)), input_range=(-1.0, 1.0))
+    assert k.steps == 1 and k.alpha == pytest.approx(2 / 255)
+    delta = k(x, y) - x
+    assert delta.abs().max() <= eps_from_pixel_scale(0.5, (-1, 1)) + 1e-12
 
 
 def test_inverted_and_constant_targets():

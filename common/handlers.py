@@ -1,0 +1,123 @@
+"""Workflow pieces that bundle configs instantiate around MONAI's ``SupervisedTrainer``.
+
+Each defence is an ``iteration_update`` callable (``SupervisedTrainer(..., iteration_update=...)``) that
+keeps the trainer's contract — it prepares the batch with ``engine.prepare_batch``, puts the network in
+train mode, fires MONAI's ``IterationEvents`` and returns ``{"image", "label", "pred", "loss"}`` — so
+every MONAI handler (``StatsHandler``, ``CheckpointSaver``, metrics, TensorBoard, MLflow) works unchanged.
+Only the objective differs:
+
+- :class:`AdversarialTrainingIteration`: Eq. 9 of seed 001 (β·clean + (1 − β)·adversarial), or the
+  ResDSN paper's PGD training (β = 0).
+- :class:`NoiseAugmentationIteration`: the uniform-noise baseline of seed 001 (radius 0.01).
+- :class:`DistillationIteration`: the student of defensive distillation trained on the teacher's
+  temperature-T soft labels with the soft Dice of Eq. 7.
+
+MONAI has no adversarial or distillation trainer, hence these. Mixed precision and gradient
+accumulation are not supported by these iterations (CPU-first project); they raise if configured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+from monai.engines.utils import IterationEvents
+from monai.utils.enums import CommonKeys as Keys
+
+from common.defenses import adversarial_objective, teacher_soft_labels, uniform_noise
+from common.losses import DistillationDiceLoss
+from common.validation import check_nonnegative, main_output
+
+__all__ = ["AdversarialTrainingIteration", "NoiseAugmentationIteration", "DistillationIteration"]
+
+
+class _ObjectiveIteration:
+    """Shared iteration: batch → ``objective(engine, x, y) -> (loss, pred)`` → backward → optimizer step."""
+
+    def objective(self, engine, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the scalar loss to minimise and the prediction to report (the clean one where computed)."""
+        return engine.loss_function(engine.network(x), y).mean(), None
+
+    def __call__(self, engine, batchdata: dict) -> dict:
+        if batchdata is None:
+            raise ValueError("batchdata: the data loader returned None")
+        if getattr(engine, "amp", False) or getattr(engine, "accumulation_steps", 1) > 1:
+            raise ValueError(f"{type(self).__name__}: amp and gradient accumulation are not supported")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        x, y = batch[0], batch[1]
+        engine.state.output = {Keys.IMAGE: x, Keys.LABEL: y}
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        loss, pred = self.objective(engine, x, y)
+        if pred is None:
+            with torch.no_grad():
+                pred = main_output(engine.network(x))
+        engine.state.output[Keys.PRED] = pred
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.state.output[Keys.LOSS] = loss
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+class AdversarialTrainingIteration(_ObjectiveIteration):
+    """Adversarial training: minimise β·L(x, y) + (1 − β)·L(x_adv, y) with x_adv from the current model.
+
+    Args:
+        attack: an attack built on the trainer's network, e.g. ``FGSM(@network, eps=0.05, loss="dice")``
+            (seed 001, β = 0.5) or ``PGD(@network, eps, alpha, steps)`` (seed 002, β = 0).
+        beta: weight β of the clean loss in [0, 1].
+    """
+
+    def __init__(self, attack: Callable, beta: float = 0.5) -> None:
+        if not callable(attack):
+            raise ValueError("attack: expected an attack object built on the network")
+        self.attack = attack
+        self.beta = float(beta)
+
+    def objective(self, engine, x, y):
+        loss_fn = lambda pred, target: engine.loss_function(pred, target).mean()  # noqa: E731
+        loss, pred, _ = adversarial_objective(engine.network, loss_fn, x, y, self.attack, self.beta)
+        return loss, None if pred is None else main_output(pred)
+
+
+class NoiseAugmentationIteration(_ObjectiveIteration):
+    """Seed 001's baseline: the loss of a batch perturbed by uniform noise of L∞ radius r plus the loss of
+    the clean batch, weighted β and 1 − β like Eq. 9 (β = 0.5: both halves count equally)."""
+
+    def __init__(self, radius: float = 0.01, beta: float = 0.5, seed: int | None = None) -> None:
+        self.radius = check_nonnegative(radius, "radius")
+        self.beta = float(beta)
+        self.generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+
+    def objective(self, engine, x, y):
+        noisy = uniform_noise(x, self.radius, self.generator)
+        pred = engine.network(x)
+        loss = self.beta * engine.loss_function(pred, y).mean()
+        loss = loss + (1.0 - self.beta) * engine.loss_function(engine.network(noisy), y).mean()
+        return loss, main_output(pred)
+
+
+class DistillationIteration(_ObjectiveIteration):
+    """Defensive distillation, second stage: the student F^d (the trainer's network) learns the teacher's
+    soft labels F(X) = softmax(z/T) with the soft Dice of Eq. 7 (:class:`common.losses.DistillationDiceLoss`).
+
+    The trainer's own ``loss_function`` is not used. The teacher is loaded by the config (a network with
+    its checkpoint) and stays frozen.
+    """
+
+    def __init__(self, teacher: nn.Module, temperature: float, gamma: float = 1e-5) -> None:
+        self.teacher = teacher
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self.temperature = check_nonnegative(temperature, "temperature")
+        self.loss = DistillationDiceLoss(temperature=self.temperature, gamma=gamma, teacher_is_logits=False)
+
+    def objective(self, engine, x, y):
+        soft = teacher_soft_labels(self.teacher, x, self.temperature)
+        pred = main_output(engine.network(x))
+        return self.loss(pred, soft), pred
