@@ -3,7 +3,6 @@
 - :class:`SoftDiceLoss`: the soft Dice loss of Eq. 5–6 in seed ``001`` (the BraTS robustness paper),
   background (class 0) excluded, as used to craft FGSM / i-FGSM / ti-FGSM.
 - :func:`temperature_softmax` and :class:`DistillationDiceLoss`: Eq. 4 and Eq. 7 (defensive distillation).
-- :class:`DeepSupervisionLoss`: Σ_i w_i · L(output_i, y) over a list of heads (ResDSN, NLCEN).
 - :func:`resolve_loss`: turns ``"ce"``, ``"dice"``, ``"dicece"`` or a callable into ``(logits, y) -> scalar``.
 
 Shapes: logits (B, K, *spatial) with K ≥ 2 (softmax) or K = 1 (binary, sigmoid); labels are integer maps
@@ -12,7 +11,7 @@ Shapes: logits (B, K, *spatial) with K ≥ 2 (softmax) or K = 1 (binary, sigmoid
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -22,7 +21,6 @@ from monai.losses import DiceCELoss, DiceLoss
 __all__ = [
     "SoftDiceLoss",
     "DistillationDiceLoss",
-    "DeepSupervisionLoss",
     "temperature_softmax",
     "cross_entropy",
     "resolve_loss",
@@ -131,29 +129,6 @@ class DistillationDiceLoss(nn.Module):
             )
         soft_labels = temperature_softmax(teacher, self.temperature) if self.teacher_is_logits else teacher
         return self.soft_dice(student_logits, soft_labels.detach())
-
-
-class DeepSupervisionLoss(nn.Module):
-    """Σ_i w_i · loss(output_i, y) over a list of heads that all have the label's spatial size.
-
-    ResDSN: weights (1, 0.2, 0.4) for (main, Conv2b head, Conv3b head). A single tensor is scored with the
-    first weight only. MONAI's ``DeepSupervisionLoss`` expects a stacked tensor and derives its own
-    weights, so it cannot express the papers' fixed ξ; hence this small class.
-    """
-
-    def __init__(self, loss: nn.Module | Callable, weights: Sequence[float]) -> None:
-        super().__init__()
-        if not weights or any(float(w) < 0 for w in weights):
-            raise ValueError(f"weights: expected non-negative weights, got {weights}")
-        self.loss = loss
-        self.weights = [float(w) for w in weights]
-
-    def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        if isinstance(outputs, torch.Tensor):
-            outputs = [outputs]
-        if len(outputs) > len(self.weights):
-            raise ValueError(f"outputs: {len(outputs)} heads for {len(self.weights)} weights")
-        return sum(w * self.loss(o, target) for w, o in zip(self.weights, outputs))
 
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

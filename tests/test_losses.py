@@ -10,7 +10,6 @@ import torch
 from monai.losses import DiceLoss
 
 from common.losses import (
-    DeepSupervisionLoss,
     DistillationDiceLoss,
     SoftDiceLoss,
     cross_entropy,
@@ -90,17 +89,6 @@ def test_distillation_gradient_does_not_reach_the_teacher():
     teacher = torch.randn(1, 3, 4, 4, requires_grad=True)
     DistillationDiceLoss(temperature=5.0)(student, teacher).backward()
     assert student.grad is not None and teacher.grad is None
-
-
-def test_deep_supervision_loss_weights():
-    g = torch.Generator().manual_seed(0)
-    heads = [torch.randn(1, 2, 4, 4, generator=g) for _ in range(3)]
-    y = torch.randint(0, 2, (1, 1, 4, 4), generator=g)
-    loss = DeepSupervisionLoss(cross_entropy, (1.0, 0.2, 0.4))(heads, y)
-    expected = sum(w * cross_entropy(h, y) for w, h in zip((1.0, 0.2, 0.4), heads))
-    assert loss.item() == pytest.approx(expected.item())
-    with pytest.raises(ValueError, match="^outputs"):
-        DeepSupervisionLoss(cross_entropy, (1.0,))(heads, y)
 
 
 def test_cross_entropy_and_dicece_values():

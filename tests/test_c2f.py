@@ -1,0 +1,301 @@
+"""Coarse-to-fine blocks of seed 002: crop / de-crop (Eq. 4–5), the overlap parameter n, the
+small-component post-processing, the C2F pipeline and the HU preprocessing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.inferers import SlidingWindowInferer, sliding_window_inference
+from scipy import ndimage
+
+from common.c2f import (
+    CoarseToFine,
+    SlidingWindowN,
+    bounding_box,
+    coarse_to_fine_predict,
+    crop_to_box,
+    decrop,
+    fine_input,
+    hu_to_z,
+    hu_window_normalise,
+    hu_window_transforms,
+    overlap_for_n,
+    remove_small_components,
+    windows_per_axis,
+)
+from common.networks.resdsn import ResDSN
+
+
+# --- bounding box, crop, de-crop (Eq. 4-5) ---------------------------------------------------------
+
+
+def test_bounding_box_adds_margin_and_clips_to_the_volume():
+    mask = np.zeros((10, 12, 8), dtype=np.uint8)
+    mask[0, 5, 3] = 1  # touches the first face of axis 0
+    mask[2, 7, 7] = 1  # touches the last face of axis 2
+    assert bounding_box(mask, 2) == (slice(0, 5), slice(3, 10), slice(1, 8))
+    assert bounding_box(torch.from_numpy(mask), (0, 6, 1)) == (slice(0, 3), slice(0, 12), slice(2, 8))
+    assert bounding_box(mask, 0) == (slice(0, 3), slice(5, 8), slice(3, 8))
+    assert bounding_box(np.zeros((4, 4, 4)), 3) is None
+    with pytest.raises(ValueError, match="^margin"):
+        bounding_box(mask, -1)
+    with pytest.raises(ValueError, match="^margin"):
+        bounding_box(mask, (1, 2))
+
+
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_crop_then_decrop_is_identity_in_the_box_and_keeps_the_rest(as_torch):
+    rng = np.random.default_rng(0)
+    coarse = np.zeros((2, 1, 12, 10, 9), dtype=np.int64)
+    coarse[:, :, 3:9, 2:6, 1:5] = rng.random((2, 1, 6, 4, 4)) > 0.5
+    coarse[:, :, 4, 3, 2] = 1
+    fine = rng.integers(0, 3, size=coarse.shape)
+    if as_torch:
+        coarse, fine = torch.from_numpy(coarse), torch.from_numpy(fine)
+    box = bounding_box(coarse[0, 0], 1)
+    assert all(s.stop - s.start < n for s, n in zip(box, coarse.shape[2:]))  # a proper sub-box
+    assert decrop(coarse, crop_to_box(coarse, box), box).tolist() == coarse.tolist()
+
+    out = decrop(coarse, crop_to_box(fine, box), box)
+    inside = np.zeros(coarse.shape, dtype=bool)
+    inside[(Ellipsis, *box)] = True
+    out_np, coarse_np, fine_np = (np.asarray(a) for a in (out, coarse, fine))
+    assert (out_np[inside] == fine_np[inside]).all()
+    assert (out_np[~inside] == coarse_np[~inside]).all()
+    assert type(out) is type(coarse) and out is not coarse  # a new array, the coarse mask is untouched
+    with pytest.raises(ValueError, match="^fine_pred_in_box"):
+        decrop(coarse, fine[..., 1:], box)
+    with pytest.raises(ValueError, match="^box"):
+        crop_to_box(coarse, (slice(0, 13), slice(0, 2), slice(0, 2)))
+
+
+def test_fine_input_is_the_masked_crop_of_eq4_or_the_raw_crop():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 8, 7, generator=g)
+    mask = torch.zeros(9, 8, 7, dtype=torch.long)
+    mask[2:4, 3:5, 1:3] = 1
+    mask[5, 5, 4] = 1
+    x_f, box = fine_input(x, mask, margin=1)
+    assert box == (slice(1, 7), slice(2, 7), slice(0, 6))
+    assert torch.equal(x_f, (x * mask)[:, 1:7, 2:7, 0:6])
+    x_raw, _ = fine_input(x, mask, margin=1, mask_input=False)
+    assert torch.equal(x_raw, x[:, 1:7, 2:7, 0:6])
+    assert fine_input(x, torch.zeros_like(mask), margin=1) == (None, None)
+
+
+# --- the overlap parameter n ---------------------------------------------------------------------
+
+
+def _monai_window_count(image_size, roi_size, overlap) -> int:
+    """How many windows MONAI's sliding_window_inference actually feeds the predictor."""
+    seen = []
+
+    def predictor(window):
+        seen.append(window.shape[0])
+        return window
+
+    sliding_window_inference(torch.zeros(1, 1, *image_size), roi_size, 64, predictor, overlap=overlap)
+    return sum(seen)
+
+
+# (W, W_I, n): the paper's CT sizes and fine boxes, including W not a multiple of W_I
+EXACT = [(512, 64, 6), (512, 64, 12), (200, 64, 6), (150, 32, 6), (100, 64, 12), (333, 64, 12), (70, 64, 3)]
+
+
+@pytest.mark.parametrize("W, W_I, n", EXACT)
+def test_overlap_for_n_reproduces_the_papers_window_count(W, W_I, n):
+    overlap = overlap_for_n(W, W_I, n)
+    assert 0.0 <= overlap < 1.0
+    got = _monai_window_count((W, 8, 8), (W_I, 8, 8), (overlap, 0.0, 0.0))
+    assert got == W // W_I + n == windows_per_axis(W, W_I, n)
+
+
+@pytest.mark.parametrize(
+    "W, W_I, n, expected",
+    [
+        (64, 64, 12, 1),  # the window is the whole axis: one window, whatever n
+        (40, 64, 6, 1),  # padded up to the window
+        (130, 64, 0, 3),  # ⌊130/64⌋ + 0 = 2 windows cannot cover 130 voxels: the fewest that do
+        (90, 64, 12, 14),  # 13 is not reachable with a uniform integer interval: the nearest count above
+        (70, 64, 12, 7),  # capped at W - W_I + 1 windows (interval 1)
+    ],
+)
+def test_overlap_for_n_when_the_count_is_not_reachable(W, W_I, n, expected):
+    assert _monai_window_count((W, 8, 8), (W_I, 8, 8), (overlap_for_n(W, W_I, n), 0.0, 0.0)) == expected
+
+
+def test_overlap_for_n_per_axis_with_monais_inferer():
+    image, roi, n = (50, 37, 20), (16, 8, 16), 2
+    overlap = overlap_for_n(image, roi, n)
+    assert isinstance(overlap, tuple) and len(overlap) == 3
+    expected = np.prod([w // r + n for w, r in zip(image, roi)])  # 5 * 6 * 3
+    calls = []
+    inferer = SlidingWindowInferer(roi, sw_batch_size=7, overlap=overlap)
+    inferer(torch.zeros(1, 1, *image), lambda w: calls.append(w.shape[0]) or w)
+    assert sum(calls) == expected == 90
+    with pytest.raises(ValueError, match="^roi_size"):
+        overlap_for_n((50, 37), (16, 8, 16), 2)
+
+
+def test_sliding_window_n_recomputes_the_overlap_per_input_size():
+    calls = []
+    def ones(window):
+        calls.append(window.shape[0])
+        return torch.ones_like(window[:, :1])
+
+    forward = SlidingWindowN(ones, (16, 16, 16), n=3, sw_batch_size=5)
+    out = forward(torch.zeros(1, 1, 40, 24, 16))
+    assert out.shape == (1, 1, 40, 24, 16) and torch.allclose(out, torch.ones_like(out))
+    assert sum(calls) == (40 // 16 + 3) * (24 // 16 + 3) * 1
+    calls.clear()
+    forward(torch.zeros(1, 1, 70, 16, 16))
+    assert sum(calls) == 70 // 16 + 3
+
+    torch.manual_seed(0)
+    net = ResDSN(channels=(2, 4, 4, 8)).eval()
+    with torch.no_grad():
+        logits = SlidingWindowN(net, (16, 16, 16), n=1)(torch.randn(1, 1, 20, 12, 17))
+    assert logits.shape == (1, 2, 20, 12, 17)
+
+
+# --- small-component removal ---------------------------------------------------------------------
+
+
+def _components_volume() -> np.ndarray:
+    """Components of 30, 10, 9 and 1 voxels (total 50, threshold 0.2 * 50 = 10), labels 1 and 2."""
+    v = np.zeros((12, 12, 12), dtype=np.int64)
+    v[0:2, 0:3, 0:5] = 1  # 30
+    v[5, 0:2, 0:5] = 2  # 10: exactly 0.2 of the total, kept
+    v[8:11, 8:11, 8] = 1  # 9: removed
+    v[11, 0, 11] = 1  # 1: removed
+    assert (v != 0).sum() == 50
+    return v
+
+
+def test_remove_small_components_keeps_exactly_those_at_least_the_fraction():
+    v = _components_volume()
+    out = remove_small_components(v, 0.2)
+    expected = v.copy()
+    expected[8:11, 8:11, 8] = 0
+    expected[11, 0, 11] = 0
+    assert out.dtype == v.dtype and (out == expected).all()
+    # a fraction just above 10/50 also drops the 10-voxel component
+    assert (remove_small_components(v, 0.2001) != 0).sum() == 30
+    assert (remove_small_components(v, 0.0) == v).all()
+
+
+def test_remove_small_components_connectivity_and_independent_volumes():
+    v = np.zeros((2, 1, 6, 6, 6), dtype=np.uint8)
+    v[0, 0, 0:2, 0:2, 0:2] = 1  # 8 voxels
+    v[0, 0, 2, 2, 2] = 1  # touches the block at a corner only
+    v[0, 0, 5, 5, 5] = 1
+    v[1, 0, 0:2, 0, 0] = 1  # 2 voxels: the whole foreground of volume 1, kept
+    # 26-connectivity: 9 of the 10 voxels of volume 0 form one component
+    full = remove_small_components(torch.from_numpy(v), 0.2)
+    assert isinstance(full, torch.Tensor) and full.dtype == torch.uint8
+    assert full[0].sum() == 9 and full[0, 0, 5, 5, 5] == 0 and full[1].sum() == 2
+    faces = remove_small_components(v, 0.2, connectivity=1)  # 6-connectivity: 8 | 1 | 1
+    assert faces[0].sum() == 8 and faces[0, 0, 2, 2, 2] == 0 and faces[1].sum() == 2
+
+
+def test_remove_small_components_matches_a_per_volume_oracle():
+    rng = np.random.default_rng(1)
+    masks = (rng.random((3, 1, 10, 9, 8)) > 0.8).astype(np.int32)
+    got = remove_small_components(masks, 0.2)
+    for b in range(3):
+        labels, count = ndimage.label(masks[b, 0], structure=np.ones((3, 3, 3)))
+        total = masks[b].sum()
+        expected = np.zeros_like(masks[b, 0])
+        for k in range(1, count + 1):
+            size = (labels == k).sum()
+            if 5 * size >= total:
+                expected[labels == k] = 1
+        assert (got[b, 0] == expected).all()
+
+
+# --- the C2F pipeline ----------------------------------------------------------------------------
+
+
+def _threshold_forward(low: float, high: float = np.inf, calls: list | None = None):
+    """Toy ``x -> logits (B, 2, *spatial)``: class 1 where low < x < high."""
+
+    def forward(x):
+        if calls is not None:
+            calls.append(x.clone())
+        fg = ((x > low) & (x < high)).float()
+        return torch.cat([1 - fg, fg], 1)
+
+    return forward
+
+
+def test_coarse_to_fine_on_a_toy_forward():
+    x = torch.zeros(2, 1, 16, 16, 16)
+    x[0, 0, 4:10, 5:9, 6:12] = 1.0  # coarse foreground: 144 voxels
+    x[0, 0, 5:8, 6:8, 7:11] = 2.0  # fine foreground inside it
+    x[0, 0, 15, 15, 0] = 1.0  # an isolated coarse false positive (1/145 < 0.2)
+    x[0, 0, 4, 5, 13] = 5.0  # bright voxel inside the margin, outside the coarse mask
+    x[1, 0, 0:3, 0:3, 0:3] = 7.0  # nothing in case 1 passes the coarse threshold below 4
+    fine_calls: list = []
+    coarse_forward, fine_forward = _threshold_forward(0.5, 4.0), _threshold_forward(1.5, calls=fine_calls)
+    pred, coarse = coarse_to_fine_predict(x, coarse_forward, fine_forward, margin=2, return_coarse=True)
+    expected = torch.zeros_like(x, dtype=torch.long)
+    expected[0, 0, 5:8, 6:8, 7:11] = 1
+    assert pred.dtype == torch.long and torch.equal(pred, expected)
+
+    coarse_expected = torch.zeros_like(expected)
+    coarse_expected[0, 0, 4:10, 5:9, 6:12] = 1  # the isolated voxel was removed before the box
+    assert torch.equal(coarse, coarse_expected)
+    assert len(fine_calls) == 1  # case 1 (empty coarse mask) falls back without a fine pass
+    seen = fine_calls[0]
+    assert seen.shape == (1, 1, 10, 8, 10)  # box of 4:10, 5:9, 6:12 plus 2, clipped at 16
+    # X ⊗ P_C (Eq. 4): the 5.0 voxel inside the box but outside the coarse mask is zeroed
+    assert torch.equal(seen, (x[:1] * coarse_expected[:1])[..., 2:12, 3:11, 4:14])
+
+    raw = CoarseToFine(_threshold_forward(0.5, 4.0), _threshold_forward(1.5), margin=2, mask_input=False)(x)
+    assert raw[0, 0, 4, 5, 13] == 0  # the unmasked bright voxel is fine foreground, then a small component
+    assert torch.equal(raw, expected)
+
+
+def test_coarse_to_fine_keeps_the_coarse_prediction_when_it_is_empty():
+    x = torch.randn(1, 1, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    fine_calls: list = []
+    fine_forward = _threshold_forward(-100.0, calls=fine_calls)
+    pred = coarse_to_fine_predict(x, _threshold_forward(100.0), fine_forward, 3)
+    assert torch.equal(pred, torch.zeros_like(pred)) and fine_calls == []
+
+
+def test_coarse_to_fine_with_single_channel_logits_and_decrop_outside_the_box():
+    x = torch.zeros(1, 1, 12, 12, 12)
+    x[0, 0, 2:6, 2:6, 2:6] = 1.0
+    fine = lambda t: torch.full_like(t, 3.0)  # every voxel of the box foreground (sigmoid logits > 0)
+    pred = coarse_to_fine_predict(x, lambda t: t - 0.5, fine, margin=1, min_fraction=0.0)
+    expected = torch.zeros_like(pred)
+    expected[0, 0, 1:7, 1:7, 1:7] = 1
+    assert torch.equal(pred, expected)
+    with pytest.raises(ValueError, match="^fine_forward"):
+        coarse_to_fine_predict(x, lambda t: t - 0.5, lambda t: t[..., :2], margin=1)
+
+
+# --- HU preprocessing ----------------------------------------------------------------------------
+
+
+def test_hu_window_normalise_matches_monai_transforms_and_converts_eps():
+    rng = np.random.default_rng(2)
+    hu = torch.from_numpy(rng.uniform(-1000, 1000, size=(2, 1, 6, 7, 5)).astype(np.float32))
+    z, mean, std = hu_window_normalise(hu)
+    clipped = np.clip(hu.double().numpy(), -100, 240)
+    for b in range(2):
+        assert abs(float(mean[b]) - clipped[b].mean()) < 1e-3
+        assert abs(float(std[b]) - clipped[b].std()) < 1e-3
+        oracle = (clipped[b] - clipped[b].mean()) / clipped[b].std()
+        torch.testing.assert_close(z[b].double(), torch.from_numpy(oracle), atol=1e-5, rtol=0)
+        data = {"image": hu[b].clone()}
+        for t in hu_window_transforms("image"):
+            data = t(data)
+        torch.testing.assert_close(torch.as_tensor(data["image"]).float(), z[b], atol=1e-5, rtol=0)
+    eps_z = hu_to_z(0.03 * 340, std)
+    assert eps_z.shape == (2, 1, 1, 1, 1)
+    torch.testing.assert_close(eps_z.flatten(), 10.2 / std)
+    with pytest.raises(ValueError, match="^hu_range"):
+        hu_window_normalise(hu, (240, -100))
