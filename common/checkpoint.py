@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-__all__ = ["load_weights", "save_weights"]
+__all__ = ["load_weights", "save_weights", "latest_checkpoint"]
 
 
 def load_weights(network: nn.Module, path: str | os.PathLike, key: str = "model", strict: bool = True) -> nn.Module:
@@ -47,3 +47,23 @@ def save_weights(network: nn.Module, path: str | os.PathLike, **extra) -> Path:
 
     state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
     return atomic_torch_save({"model": state, **extra}, path)
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -> str | None:
+    """The newest resumable checkpoint in ``ckpt_dir`` written by MONAI's ``CheckpointSaver`` with
+    ``file_prefix=prefix`` (``<prefix>_checkpoint_epoch=N.pt`` → highest N; else ``<prefix>_final.pt``),
+    or ``None`` when there is none (a fresh start)."""
+    import re
+
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return None
+    epochs = []
+    for path in folder.glob(f"{prefix}_*epoch=*.pt"):
+        match = re.search(r"epoch=(\d+)", path.name)
+        if match:
+            epochs.append((int(match.group(1)), path))
+    if epochs:
+        return str(max(epochs)[1])
+    final = folder / f"{prefix}_final.pt"
+    return str(final) if final.is_file() else None

@@ -121,3 +121,18 @@ class DistillationIteration(_ObjectiveIteration):
         soft = teacher_soft_labels(self.teacher, x, self.temperature)
         pred = main_output(engine.network(x))
         return self.loss(pred, soft), pred
+
+
+def resume_from_latest(trainer, ckpt_dir: str, load_dict: dict, prefix: str = "checkpoint") -> str | None:
+    """Attach a MONAI ``CheckpointLoader`` that restores ``load_dict`` (model, optimizer, trainer state,
+    scheduler ...) from the newest ``<prefix>_checkpoint_epoch=N.pt`` in ``ckpt_dir``, so an interrupted
+    training run continues at epoch N + 1 with its optimizer state. Returns the checkpoint's path, or
+    ``None`` (nothing attached) when the directory holds no checkpoint yet."""
+    from monai.handlers import CheckpointLoader
+
+    from common.checkpoint import latest_checkpoint
+
+    path = latest_checkpoint(ckpt_dir, prefix)
+    if path is not None:
+        CheckpointLoader(load_path=path, load_dict=load_dict, map_location="cpu").attach(trainer)
+    return path
