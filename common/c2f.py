@@ -16,7 +16,6 @@ Spatial boxes are tuples of ``slice`` objects, one per spatial axis, applied to 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 
@@ -27,7 +26,7 @@ from monai.transforms import NormalizeIntensityd, ScaleIntensityRanged
 from monai.transforms.utils import generate_spatial_bounding_box
 from scipy import ndimage
 
-from common.validation import check_image, check_nonnegative, check_positive_int, check_probability
+from common.validation import check_clip, check_image, check_nonnegative, check_positive_int, check_probability
 
 __all__ = [
     "bounding_box",
@@ -372,16 +371,6 @@ class CoarseToFine:
         )
 
 
-def _check_hu_range(hu_range: Sequence[float]) -> tuple[float, float]:
-    try:
-        low, high = (float(v) for v in hu_range)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"hu_range: expected a pair (low, high) in HU, got {hu_range!r}") from err
-    if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
-        raise ValueError(f"hu_range: expected finite low < high, got {hu_range!r}")
-    return low, high
-
-
 def hu_window_normalise(
     x: torch.Tensor, hu_range: Sequence[float] = HU_RANGE
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -397,7 +386,7 @@ def hu_window_normalise(
     ε_z = ε_HU / std (:func:`hu_to_z`).
     """
     check_image(x, "x")
-    low, high = _check_hu_range(hu_range)
+    low, high = check_clip(hu_range, "hu_range")
     clipped = x.float().clamp(low, high)
     flat = clipped.reshape(x.shape[0], -1)
     mean = flat.mean(1)
@@ -411,7 +400,7 @@ def hu_window_transforms(keys: str | Sequence[str] = "image", hu_range: Sequence
     """The same preprocessing as MONAI dictionary transforms for a bundle's pipeline (per case):
     ``ScaleIntensityRanged`` as an identity map on ``hu_range`` with ``clip=True`` (the truncation), then
     ``NormalizeIntensityd`` (zero mean, unit population std over the whole case)."""
-    low, high = _check_hu_range(hu_range)
+    low, high = check_clip(hu_range, "hu_range")
     return [
         ScaleIntensityRanged(keys, a_min=low, a_max=high, b_min=low, b_max=high, clip=True),
         NormalizeIntensityd(keys),

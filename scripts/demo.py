@@ -26,7 +26,14 @@ from common.report import format_mean_sd, markdown_table, plot_metric_vs_eps
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "nlcen_lung"
-VARIANT_CONFIGS = {"unet": ["unet.json"], "nlcen": [], "unet_nlce": ["unet_nlce.json"], "no_nlce": ["no_nlce.json"]}
+VARIANT_CONFIGS = {
+    "nlcen": [],
+    "no_nl": ["no_nl.json"],
+    "no_ce": ["no_ce.json"],
+    "no_nlce": ["no_nlce.json"],
+    "unet": ["unet.json"],
+    "unet_nlce": ["unet_nlce.json"],
+}
 
 
 def _bundle_run(configs: list[str], overrides: dict) -> float:
@@ -53,7 +60,7 @@ def main(
     seed: int = 0,
 ) -> str:
     """Run the demo and return the path of the report."""
-    variants = [variants] if isinstance(variants, str) else list(variants)
+    variants = variants.split(",") if isinstance(variants, str) else list(variants)
     unknown = [v for v in variants if v not in VARIANT_CONFIGS]
     if unknown:
         raise ValueError(f"variants: unknown {unknown}; choose from {sorted(VARIANT_CONFIGS)}")
