@@ -76,9 +76,10 @@ def test_evaluate_and_inference(trained):
 
 
 def test_unet_variant_trains_and_attacks(tmp_path):
-    overrides = {"demo_dir": str(tmp_path), **TINY, "unet_channels": [4, 8, 16], "attack#eps_pixels": [4]}
+    overrides = {"demo_dir": str(tmp_path), **TINY, "unet_channels": [4, 8, 16]}
     run_bundle("nlcen_lung", ["train.json", "demo.json", "unet_nlce.json"], overrides)
-    run_bundle("nlcen_lung", ["train.json", "demo.json", "unet_nlce.json", "attack.json"], overrides)
+    run_bundle("nlcen_lung", ["train.json", "demo.json", "unet_nlce.json", "attack.json"],
+               {**overrides, "attack#eps_pixels": [4]})
     assert (tmp_path / "eval" / "unet_nlce" / "attack" / "summary.json").is_file()
 
 
