@@ -66,7 +66,8 @@ def paired_wilcoxon(clean: np.ndarray, attacked: np.ndarray) -> np.ndarray:
         p-values of shape ``attacked.shape[:-1]``, from ``scipy.stats.wilcoxon`` with its defaults
         (zero differences dropped, exact distribution for small n without ties). Where all differences
         are zero (an attack that changed nothing) scipy has no test (NaN); the p-value is then 1.0:
-        no evidence of a difference.
+        no evidence of a difference. With a single case the exact two-sided p-value is 1.0 as well
+        (the smallest attainable with n = 1), which scipy refuses to compute.
     """
     clean = np.asarray(clean, dtype=np.float64)
     attacked = np.asarray(attacked, dtype=np.float64)
@@ -76,6 +77,8 @@ def paired_wilcoxon(clean: np.ndarray, attacked: np.ndarray) -> np.ndarray:
     if not (np.isfinite(clean).all() and np.isfinite(attacked).all()):
         raise ValueError("attacked: the Wilcoxon test needs finite values")
     all_zero = (attacked == clean).all(axis=-1)
+    if attacked.shape[-1] == 1:
+        return np.ones(attacked.shape[:-1], dtype=np.float64)
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
         p = np.asarray(wilcoxon(attacked, clean, axis=-1).pvalue, dtype=np.float64)

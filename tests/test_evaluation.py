@@ -277,3 +277,10 @@ def test_forward_with_wrong_channels_raises(tmp_path):
     with pytest.raises(ValueError, match="forward"):
         sweep.run(_data(n_batches=1))
     assert _no_files(tmp_path / "o")
+
+
+def test_wilcoxon_with_one_case_is_one():
+    from common.evaluation import paired_wilcoxon
+
+    p = paired_wilcoxon(np.array([[0.9]]), np.array([[[0.5], [0.9]]]))
+    assert p.shape == (1, 2) and (p == 1.0).all()

@@ -1,0 +1,333 @@
+"""Phantom study of the ``unet3d_brats_distill`` bundle: the whole chain of Liu et al. 2021 at small sizes.
+
+    python -m scripts.study_unet3d_brats --out_dir bundles/unet3d_brats_distill/demo/study
+
+Trains, through the bundle's own configs (``monai.bundle.run`` in this process), the undefended 3D-UNet,
+defensive distillation at two temperatures (teacher + student each), FGSM adversarial training (Eq. 9)
+and uniform-noise augmentation on brain phantoms (``common.data.synthetic``, kind "brain"); runs
+``attack.json`` (Table 1) and ``ifgsm_steps.json`` (Fig. 3 / 4) on the undefended model and
+``defense_sweep.json`` on every model; then assembles, in ``out_dir``:
+
+- ``table1.md``: the attacks' Dice (WT / TC / ET), PSNR / SSIM / RMSE, Wilcoxon + Bonferroni;
+- ``fig3_steps.png`` / ``fig3_steps.md``: Dice and PSNR against the number of i-FGSM / ti-FGSM steps;
+- ``fig5_8_defences.png``: Dice of each region against FGSM ε ∈ [0, 0.01] for every model;
+- ``table2.md``: Dice at ε = 0, 0.05, 0.1 for every model and region, with the two-sided Wilcoxon
+  signed-rank p-value of each defence against the undefended model at the same ε (paired by case),
+  asterisk where the Bonferroni-adjusted p (over the defences) is ≤ 0.05 — Table 2's shape;
+- ``study.json``: the settings and every number above.
+
+The 2D-UNet (``train_2d.json``) is not part of the phantom study (Table 3 needs its own defences; the
+configs compose the same way: add ``train_2d.json`` after ``train.json``). The study deviates from the paper in size only
+(phantoms, ``size``³ voxels, few epochs, a small network and one learning rate for every model, which
+``--learning_rate`` sets because 1e-4 does not converge in a few epochs); the docs say so.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import fire
+import numpy as np
+
+from common.evaluation import paired_wilcoxon
+from common.io import atomic_path, atomic_write_json, atomic_write_text
+from common.report import format_mean_sd, markdown_table
+from common.stats import bonferroni_adjust
+from common.validation import check_positive_int
+
+__all__ = ["REGIONS", "TABLE_EPS", "run_config", "read_per_case", "defence_table", "steps_table", "main"]
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "unet3d_brats_distill"
+REGIONS = ("WT", "TC", "ET")
+TABLE_EPS = (0.0, 0.05, 0.1)
+UNDEFENDED = "No defense"
+logger = logging.getLogger(__name__)
+
+
+def run_config(configs: Sequence[str], **overrides: Any) -> None:
+    """``python -m monai.bundle run`` of the bundle's ``configs`` (file names in ``configs/``), in-process."""
+    from monai.bundle import run
+
+    cfg = BUNDLE / "configs"
+    run(
+        run_id="run",
+        config_file=[str(cfg / c) for c in configs],
+        meta_file=str(cfg / "metadata.json"),
+        logging_file=str(cfg / "logging.conf"),
+        bundle_root=str(BUNDLE),
+        **overrides,
+    )
+
+
+def read_per_case(path: str | Path) -> dict[tuple[str, float], dict[str, np.ndarray]]:
+    """``per_case.csv`` of a sweep → {(attack, eps): {metric: values in case order}} (float64)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"per_case: no such file {path}")
+    groups: dict[tuple[str, float], dict[str, list[float]]] = {}
+    with path.open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            key = (row["attack"], round(float(row["eps"]), 6))
+            group = groups.setdefault(key, {"case_id": []})
+            group["case_id"].append(row["case_id"])
+            for k, v in row.items():
+                if k.startswith(("dice_", "psnr", "ssim", "rmse")):
+                    group.setdefault(k, []).append(float(v))
+    return {k: {m: np.asarray(v) if m != "case_id" else v for m, v in g.items()} for k, g in groups.items()}
+
+
+def _at_eps(per_case: Mapping[tuple[str, float], Mapping[str, Any]], eps: float, attack: str = "fgsm"):
+    """The group of the clean row (ε = 0) or of ``attack`` at ``eps``."""
+    key = ("clean", 0.0) if eps == 0 else (attack, round(float(eps), 6))
+    if key not in per_case:
+        raise ValueError(f"per_case: no rows for {key}; found {sorted(per_case)}")
+    return per_case[key]
+
+
+def defence_table(
+    models: Mapping[str, Mapping[tuple[str, float], Mapping[str, Any]]],
+    reference: str = UNDEFENDED,
+    eps_values: Sequence[float] = TABLE_EPS,
+    regions: Sequence[str] = REGIONS,
+    alpha: float = 0.05,
+) -> tuple[list[dict[str, Any]], str]:
+    """Tables 2–3 of the paper: Dice per region and model at each ε, and p-values against ``reference``.
+
+    Args:
+        models: model name → :func:`read_per_case` of its defence sweep; the same test cases in the
+            same order for every model. ``reference`` is the undefended model.
+
+    Returns:
+        (rows, markdown). Each row: region, defence, ``dice_<eps>`` mean / sd, and for defences
+        ``p_<eps>``: two-sided Wilcoxon signed-rank p-value of the defence's Dice against the
+        reference's at the same ε, paired by case (:func:`common.evaluation.paired_wilcoxon`), and
+        ``p_bonferroni_<eps>``: Bonferroni-adjusted over the defences of that region and ε.
+    """
+    if reference not in models:
+        raise ValueError(f"models: the reference model {reference!r} is missing")
+    names = [reference] + [m for m in models if m != reference]
+    cases = _at_eps(models[reference], 0.0)["case_id"]
+    for m in names:
+        if _at_eps(models[m], 0.0)["case_id"] != cases:
+            raise ValueError(f"models: {m!r} was evaluated on other cases than {reference!r}")
+    rows: list[dict[str, Any]] = []
+    for region in regions:
+        metric = f"dice_{region}"
+        values = {m: {e: _at_eps(models[m], e)[metric] for e in eps_values} for m in names}
+        defended = names[1:]
+        p = {
+            e: np.array([paired_wilcoxon(values[reference][e], values[m][e]) for m in defended]).reshape(-1)
+            for e in eps_values
+        }
+        p_adj = {e: bonferroni_adjust(p[e]) if len(defended) else p[e] for e in eps_values}
+        for i, m in enumerate(names):
+            row: dict[str, Any] = {"region": region, "defence": m}
+            for e in eps_values:
+                v = values[m][e]
+                row[f"dice_{e:g}"] = float(v.mean())
+                row[f"sd_{e:g}"] = float(v.std(ddof=1)) if v.size > 1 else float("nan")
+                if i:
+                    row[f"p_{e:g}"] = float(p[e][i - 1])
+                    row[f"p_bonferroni_{e:g}"] = float(p_adj[e][i - 1])
+            rows.append(row)
+    cells = []
+    for row in rows:
+        cell = {"region": row["region"], "defence": row["defence"]}
+        for e in eps_values:
+            text = format_mean_sd(row[f"dice_{e:g}"], row[f"sd_{e:g}"])
+            if row["defence"] != reference and row[f"p_bonferroni_{e:g}"] <= alpha:
+                text += "*"
+            cell[f"d{e:g}"] = text
+            cell[f"p{e:g}"] = "-" if row["defence"] == reference else f"{row[f'p_{e:g}']:.4g}"
+        cells.append(cell)
+    columns = ["region", "defence", *(f"d{e:g}" for e in eps_values), *(f"p{e:g}" for e in eps_values)]
+    headers = [
+        "Segmentation type", "Defense type", *(f"Dice ε = {e:g}" for e in eps_values),
+        *(f"p (vs no defense) ε = {e:g}" for e in eps_values),
+    ]
+    note = (
+        f"\n{len(cases)} test cases; mean ± sd (ddof 1) of the Dice under FGSM (loss: soft Dice) at each ε. "
+        f"p: two-sided Wilcoxon signed-rank test of the defence's Dice against the undefended model's at "
+        f"the same ε, paired by case. * Bonferroni-adjusted p ≤ {alpha:g} over the defences.\n"
+    )
+    return rows, markdown_table(cells, columns, headers=headers) + note
+
+
+def steps_table(summary: Mapping[str, Any], regions: Sequence[str] = REGIONS) -> list[dict[str, Any]]:
+    """Fig. 3 / 4 data from an ``ifgsm_steps`` sweep summary: one row per (attack kind, steps) with
+    the mean Dice of each region and the mean PSNR; the clean row is steps = 0 of both kinds."""
+    entries = summary["entries"]
+    clean = next(e for e in entries if e["attack"] == "clean")
+    rows = []
+    for kind in ("ifgsm", "ti_fgsm"):
+        rows.append({"attack": kind, "steps": 0, **{r: clean["mean"][f"dice_{r}"] for r in regions}, "psnr": None})
+        for e in entries:
+            head, _, steps = e["attack"].rpartition("_")
+            if head == kind and steps.isdigit():
+                rows.append({
+                    "attack": kind, "steps": int(steps), **{r: e["mean"][f"dice_{r}"] for r in regions},
+                    "psnr": e["mean"]["psnr"],
+                })
+    return rows
+
+
+def _plot_steps(path: Path, rows: Sequence[Mapping[str, Any]], regions: Sequence[str] = REGIONS) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for kind, style in (("ifgsm", "-"), ("ti_fgsm", "--")):
+        sel = [r for r in rows if r["attack"] == kind]
+        steps = [r["steps"] for r in sel]
+        for region in regions:
+            axes[0].plot(steps, [r[region] for r in sel], style, marker="o", label=f"{kind} {region}")
+        with_psnr = [r for r in sel if r["psnr"] is not None]
+        axes[1].plot([r["steps"] for r in with_psnr], [r["psnr"] for r in with_psnr], style, marker="o", label=kind)
+    axes[0].set(xlabel="steps N (α N = ε = 0.05)", ylabel="Dice", title="Fig. 3: Dice vs steps")
+    axes[1].set(xlabel="steps N", ylabel="PSNR (dB)", title="Fig. 4: PSNR vs steps")
+    for ax in axes:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _plot_defences(
+    path: Path, models: Mapping[str, Mapping[tuple[str, float], Mapping[str, Any]]], max_eps: float = 0.01,
+    regions: Sequence[str] = REGIONS,
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(regions), figsize=(5 * len(regions), 4), sharey=True)
+    for name, per_case in models.items():
+        eps = sorted({e for (_, e) in per_case if e <= max_eps + 1e-12})
+        for ax, region in zip(axes, regions):
+            ax.plot(eps, [_at_eps(per_case, e)[f"dice_{region}"].mean() for e in eps], marker=".", label=name)
+    for ax, region in zip(axes, regions):
+        ax.set(xlabel="FGSM ε", ylabel="Dice", title=f"{region}: Dice vs ε (Fig. 5–8)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def main(
+    out_dir: str = str(BUNDLE / "demo" / "study"),
+    size: int = 24,
+    num_cases: int = 14,
+    fractions: Sequence[float] = (0.43, 0.07, 0.5),
+    epochs: int = 6,
+    learning_rate: float = 3e-3,
+    base_filters: int = 4,
+    depth: int = 3,
+    temperatures: Sequence[float] = (20, 100),
+    adv_eps: float = 0.05,
+    seed: int = 0,
+    sweep_eps: Sequence[float] | None = (0.002, 0.004, 0.006, 0.008, 0.01, 0.05, 0.1),
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Run the phantom study and write its tables and figures to ``out_dir``; return ``study.json``'s dict.
+
+    ``sweep_eps``: FGSM ε of the defence sweeps; ``None`` runs ``defense_sweep.json``'s 0.001 … 0.01,
+    0.05, 0.1 (the default, every other 0.001 step, halves the time). ``threads``: torch CPU threads.
+    """
+    import torch
+
+    torch.set_num_threads(check_positive_int(threads, "threads"))
+    size = check_positive_int(size, "size")
+    epochs = check_positive_int(epochs, "epochs")
+    if len(temperatures) < 1 or any(not float(t) > 0 for t in temperatures):
+        raise ValueError(f"temperatures: expected positive values, got {temperatures!r}")
+    out = Path(out_dir)
+    start = time.time()
+    common = {
+        "demo_dir": str(out / "work"),
+        "image_size": [size] * 3,
+        "phantom_cases": check_positive_int(num_cases, "num_cases"),
+        "phantom_fractions": list(fractions),
+        "network_def#base_filters": check_positive_int(base_filters, "base_filters"),
+        "network_def#depth": check_positive_int(depth, "depth"),
+        "network_def#seg_levels": min(3, depth - 1),
+        "seed": seed,
+    }
+    train = {**common, "max_epochs": epochs, "learning_rate": learning_rate}
+    variants: dict[str, tuple[list[str], dict[str, Any]]] = {
+        UNDEFENDED: (["train.json"], {"run_name": "unet3d"}),
+    }
+    for t in temperatures:
+        variants[f"Distillation (T={t:g})"] = (
+            ["train.json", "distill.json"], {"temperature": float(t), "run_name": f"distill_T{t:g}"},
+        )
+    variants[f"Adversarial training—{adv_eps:g}"] = (
+        ["train.json", "adv_train.json"], {"adv_eps": adv_eps, "run_name": f"adv_train_eps{adv_eps:g}"},
+    )
+    variants["Noise augmentation—0.01"] = (["train.json", "noise_aug.json"], {"run_name": "noise_aug"})
+
+    timings: dict[str, float] = {}
+    for name, (configs, extra) in variants.items():
+        t0 = time.time()
+        run_config([*configs, "demo.json"], **{**train, **extra})
+        timings[f"train {name}"] = time.time() - t0
+    eval_dir = out / "work" / "eval"
+
+    t0 = time.time()
+    run_config(["train.json", "attack.json", "demo.json"], **common, run_name="unet3d")
+    run_config(["train.json", "attack.json", "ifgsm_steps.json", "demo.json"], **common, run_name="unet3d")
+    timings["attacks (Table 1, Fig. 3)"] = time.time() - t0
+    sweeps = {}
+    t0 = time.time()
+    sweep = {} if sweep_eps is None else {"attack#eps_values": [float(e) for e in sweep_eps]}
+    if sweep and not {0.05, 0.1} <= set(sweep["attack#eps_values"]):
+        raise ValueError(f"sweep_eps: must contain 0.05 and 0.1 (Table 2), got {sweep_eps!r}")
+    for name, (configs, extra) in variants.items():
+        run_config(["train.json", "attack.json", "defense_sweep.json", "demo.json"], **common, **sweep, run_name=extra["run_name"])
+        sweeps[name] = read_per_case(eval_dir / extra["run_name"] / "defense_sweep" / "per_case.csv")
+    timings["defence sweeps"] = time.time() - t0
+
+    table1 = (eval_dir / "unet3d" / "attack" / "summary.md").read_text(encoding="utf-8")
+    atomic_write_text(out / "table1.md", table1)
+    steps_summary = json.loads((eval_dir / "unet3d" / "ifgsm_steps" / "summary.json").read_text(encoding="utf-8"))
+    steps = steps_table(steps_summary)
+    atomic_write_text(
+        out / "fig3_steps.md",
+        markdown_table(steps, ["attack", "steps", *REGIONS, "psnr"], headers=["Attack", "Steps", *(f"Dice {r}" for r in REGIONS), "PSNR (dB)"]),
+    )
+    _plot_steps(out / "fig3_steps.png", steps)
+    rows2, table2 = defence_table(sweeps)
+    atomic_write_text(out / "table2.md", table2)
+    _plot_defences(out / "fig5_8_defences.png", sweeps)
+    result: dict[str, Any] = {
+        "settings": {
+            "size": size, "num_cases": num_cases, "fractions": list(fractions), "epochs": epochs,
+            "learning_rate": learning_rate, "base_filters": base_filters, "depth": depth,
+            "temperatures": [float(t) for t in temperatures], "adv_eps": adv_eps, "seed": seed,
+            "sweep_eps": sweep_eps, "threads": threads,
+        },
+        "table1": json.loads((eval_dir / "unet3d" / "attack" / "summary.json").read_text(encoding="utf-8")),
+        "fig3": steps,
+        "table2": rows2,
+    }
+    timings["total"] = time.time() - start
+    result["timings_s"] = timings
+    atomic_write_json(out / "study.json", result)
+    logger.info("study written to %s in %.0f s", out, timings["total"])
+    return result
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
