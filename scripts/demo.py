@@ -55,7 +55,7 @@ def main(
     variants: str | tuple = ("unet", "nlcen"),
     phantom_cases: int = 40,
     image_size: int = 64,
-    max_epochs: int = 30,
+    max_epochs: int = 20,
     eps_pixels: tuple = (0.5, 1, 2, 4, 8, 16, 32),
     seed: int = 0,
 ) -> str:
