@@ -1,0 +1,199 @@
+"""ResDSN C2F bundle: the per-case z-normalisation front layer (ε in HU), the Table 6 / Table 8 reports,
+and every config run end to end through ``python -m monai.bundle run`` on tiny abdomen phantoms."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bundle_run import run_bundle
+from common.attacks import FGSM
+from common.c2f import hu_window_normalise
+from common.c2f_eval import drop_table, timed_evaluation
+from common.data.synthetic import write_phantom_dataset
+from common.networks.normalise import (
+    PerCaseZNorm,
+    hu_to_window,
+    mean_case_std,
+    per_case_znorm,
+    window_to_hu,
+    znorm_input_gradient,
+)
+from common.sliding_window import SlidingWindowForward
+
+BUNDLE = "resdsn_c2f_pancreas"
+
+
+# ------------------------------------------------------------------------------- z-normalisation layer
+def test_znorm_of_window_units_equals_paper_preprocessing():
+    gen = torch.Generator().manual_seed(0)
+    hu = torch.randint(-1000, 1500, (2, 1, 6, 5, 4), generator=gen).double()
+    z_paper, _, _ = hu_window_normalise(hu)  # clip to [-100, 240] HU, z-normalise per case
+    window = hu_to_window(hu.clamp(-100, 240))  # the bundle's input, in [0, 1]
+    assert float(window.min()) >= 0 and float(window.max()) <= 1
+    torch.testing.assert_close(per_case_znorm(window), z_paper.double(), rtol=1e-5, atol=1e-5)
+    # each case uses its own statistics: scaling case 1 leaves case 0 unchanged
+    scaled = window.clone()
+    scaled[1] = scaled[1] * 3 + 1
+    torch.testing.assert_close(per_case_znorm(scaled)[0], per_case_znorm(window)[0])
+
+
+def test_eps_in_window_units_is_hu():
+    lam = 240.0 - (-100.0)
+    assert lam == 340.0
+    assert window_to_hu(0.03) - window_to_hu(0.0) == pytest.approx(10.2)  # ε = 0.03 Λ
+    assert window_to_hu(0.01) - window_to_hu(0.0) == pytest.approx(3.4)  # α = 0.01 Λ
+    assert window_to_hu(1.0) == pytest.approx(240.0) and hu_to_window(-100.0) == 0.0
+    # an FGSM perturbation of 0.03 in window units moves every unclipped voxel by exactly 10.2 HU
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 2, 3, padding=1).double()
+    x = torch.rand(1, 1, 6, 6, 6, dtype=torch.float64) * 0.8 + 0.1
+    y = (torch.rand(1, 1, 6, 6, 6) > 0.5).long()
+    x_adv = FGSM(PerCaseZNorm(net), eps=0.03, clip=(0.0, 1.0))(x, y)
+    delta_hu = (window_to_hu(x_adv) - window_to_hu(x)).abs()
+    torch.testing.assert_close(delta_hu, torch.full_like(delta_hu, 10.2))
+
+
+def test_znorm_input_gradient_matches_autograd():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 2, 4, 5, 3, generator=gen, dtype=torch.float64).requires_grad_(True)
+    g = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    (expected,) = torch.autograd.grad((per_case_znorm(x) * g).sum(), [x])
+    torch.testing.assert_close(znorm_input_gradient(x.detach(), g), expected)
+    with pytest.raises(ValueError, match="grad_z"):
+        znorm_input_gradient(x.detach(), g[:1])
+
+
+def test_window_mean_gradient_through_znorm_equals_exact_on_one_window():
+    """With one window covering the volume, the paper's window-mean gradient is the exact gradient; the
+    wrapper must chain it through the normalisation as autograd does."""
+    torch.manual_seed(2)
+    layers = (torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv3d(3, 2, 1))
+    net = torch.nn.Sequential(*layers).double()
+    x = torch.rand(2, 1, 8, 8, 8, dtype=torch.float64)
+    y = (torch.rand(2, 1, 8, 8, 8) > 0.6).long()
+    loss = lambda logits, t: F.cross_entropy(logits, t[:, 0])  # noqa: E731
+    wm = PerCaseZNorm(SlidingWindowForward(net, 8, overlap=0.0, aggregation="window_mean"))
+    exact = PerCaseZNorm(SlidingWindowForward(net, 8, overlap=0.0, aggregation="exact"))
+    assert hasattr(wm, "input_gradient") and not hasattr(exact, "input_gradient")
+    xr = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(sum(loss(exact(xr[i : i + 1]), y[i : i + 1]) for i in range(2)), [xr])
+    torch.testing.assert_close(wm.input_gradient(x, y, loss), expected)
+
+
+def test_mean_case_std_and_errors():
+    a, b = torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0, 1.0, 4.0, 4.0]])
+    assert mean_case_std([a, b]) == pytest.approx((1.0 + 1.5) / 2)
+    with pytest.raises(ValueError, match="images"):
+        mean_case_std([])
+    with pytest.raises(ValueError, match="inner"):
+        PerCaseZNorm(3)
+
+
+# ------------------------------------------------------------------------------------------- reports
+def test_timed_evaluation_and_drop_table(tmp_path):
+    y = torch.zeros(2, 1, 4, 4, 4, dtype=torch.long)
+    y[:, :, 1:3, 1:3, 1:3] = 1
+    data = [{"image": y.float(), "label": y}]
+    half = y.clone()
+    half[:, :, 1] = 0  # 4 of 8 voxels: Dice = 2·4 / (4 + 8) = 2/3
+    forwards = {"perfect": lambda x: (x > 0.5).long(), "half": lambda x: half}
+    summary = timed_evaluation(forwards, data, 2, tmp_path)
+    by = {e["pipeline"]: e for e in summary["entries"]}
+    assert by["perfect"]["dice_mean_mean"] == 1.0
+    assert by["half"]["dice_mean_mean"] == pytest.approx(2 / 3)
+    assert all(e["seconds_mean"] >= 0 for e in summary["entries"])
+    assert {p.name for p in tmp_path.iterdir()} == {"per_case.csv", "summary.json", "summary.md"}
+
+    def sweep(clean, fgsm, ifgsm):
+        def entry(a, m):
+            return {"attack": a, "mean": {"dice_pancreas": m}, "sd": {"dice_pancreas": 0.1}}
+
+        return {"entries": [entry("clean", clean), entry("FGSM", fgsm), entry("I-FGSM", ifgsm)]}
+
+    sweeps = {"coarse": sweep(0.8784, 0.4268, 0.0201), "adv": sweep(0.7909, 0.6758, 0.6598)}
+    rows = drop_table(sweeps, ["FGSM", "I-FGSM"], "dice_pancreas")
+    assert rows[0]["drop"] == pytest.approx(0.8583)  # Table 8: 87.84 − 2.01
+    assert rows[1]["drop"] == pytest.approx(0.1311)
+    with pytest.raises(ValueError, match="PGD"):
+        drop_table({"coarse": sweep(1, 1, 1)}, ["PGD"], "dice_pancreas")
+
+
+# ----------------------------------------------------------------------------------- bundle end to end
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Train coarse, fine and PGD-adversarial models in parallel, then run inference, the Table 6
+    evaluation and the attack sweep in parallel, all on 6 tiny phantoms."""
+    root = tmp_path_factory.mktemp("resdsn_demo")
+    demo_cfg = json.loads((Path(__file__).parents[1] / "bundles" / BUNDLE / "configs" / "demo.json").read_text())
+    write_phantom_dataset(
+        "abdomen", root / "data", num_cases=demo_cfg["phantom_cases"], size=demo_cfg["image_size"], seed=0,
+        fractions=demo_cfg["phantom_fractions"],
+    )
+    plain = {"demo_dir": str(root)}
+    tiny = {**plain, "max_iterations": 2, "epoch_length": 1, "val_interval": 2}
+    waves = [
+        {
+            "coarse": (["train.json", "train_coarse.json", "demo.json"], tiny),
+            "fine": (["train.json", "train_fine.json", "demo.json"], tiny),
+            "adv": (["train.json", "adv_train.json", "demo.json"], {**tiny, "adv#steps": 2}),
+        },
+        {
+            "inference": (["inference.json", "demo.json"], plain),
+            "evaluate": (["inference.json", "evaluate.json", "demo.json"], plain),
+            "attack": (["inference.json", "attack.json", "demo.json"], {**plain, "attack#steps": 2}),
+        },
+    ]
+    logs = {}
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        for wave in waves:
+            futures = {k: pool.submit(run_bundle, BUNDLE, cfg, ov) for k, (cfg, ov) in wave.items()}
+            logs.update({k: f.result().stdout for k, f in futures.items()})
+    return root, logs
+
+
+def test_bundle_training_writes_models(demo):
+    root, logs = demo
+    for stage in ("coarse", "fine", "adv_coarse"):
+        obj = torch.load(root / "models" / stage / "model.pt", map_location="cpu", weights_only=True)
+        state = obj.get("model", obj)  # CheckpointSaver stores a one-entry save_dict unwrapped
+        assert "conv1.conv.weight" in state
+        assert any(k.startswith("aux2") for k in state)  # deep supervision heads trained
+    assert "Train completed" in logs["coarse"] + logs["fine"] + logs["adv"]
+
+
+def test_bundle_inference_writes_nifti_masks(demo):
+    root, _ = demo
+    test_cases = json.loads((root / "data" / "datalist.json").read_text())["test"]
+    preds = sorted((root / "eval" / "pred").glob("*_c2f.nii.gz"))
+    assert len(preds) == len(test_cases) == 2
+    for pred in preds:
+        image = nib.load(root / "data" / "imagesTr" / pred.name.replace("_c2f", ""))
+        mask = nib.load(pred)
+        assert mask.shape == image.shape
+        np.testing.assert_allclose(mask.affine, image.affine)
+        assert set(np.unique(np.asarray(mask.dataobj)).tolist()) <= {0, 1}
+
+
+def test_bundle_table6_and_table8(demo):
+    root, _ = demo
+    table6 = json.loads((root / "eval" / "table6" / "summary.json").read_text())
+    assert [e["pipeline"] for e in table6["entries"]] == ["ResDSN Coarse", "ResDSN Fine", "ResDSN C2F"]
+    assert all(0 <= e["dice_mean_mean"] <= 1 and e["seconds_mean"] > 0 for e in table6["entries"])
+    assert table6["entries"][2]["n"] == [1, 2]  # demo's n_coarse, n_fine
+    rows = json.loads((root / "eval" / "attack" / "table8.json").read_text())
+    assert [r["model"] for r in rows] == ["ResDSN Coarse", "ResDSN C2F"]
+    for r in rows:
+        assert r["drop"] == pytest.approx(r["clean_mean"] - min(r["attacked_means"].values()))
+    coarse = json.loads((root / "eval" / "attack" / "coarse" / "summary.json").read_text())
+    assert coarse["eps_values"] == [0.03]
+    assert [e["eps_display"] for e in coarse["entries"][1:]] == pytest.approx([10.2, 10.2])  # HU
+    assert coarse["attacks"] == ["FGSM", "I-FGSM"]
+    assert (root / "eval" / "attack" / "table8.md").read_text().count("ResDSN") == 2
