@@ -10,14 +10,6 @@ from torch.profiler import profile
 from common.networks.nlce import NLCE, ContextEncoding, NonLocalBlock, encode_residuals
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, thread oversubscription slows tiny convs ~50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _softmax(a: np.ndarray, axis: int) -> np.ndarray:
     a = a - a.max(axis=axis, keepdims=True)

@@ -18,14 +18,6 @@ from common.networks.nlcen import NLCEN, NLCENLoss, UNetWithNLCE, add_nlce_to_un
 TINY = {"fpn_channels": 8, "num_codes": 4, "widen_factor": 0.25}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, thread oversubscription slows tiny convs ~50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.parametrize("size", [(64, 64), (96, 128)])
 def test_resnet18_nlcen_train_and_eval_outputs(size):
