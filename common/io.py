@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_write_json", "atomic_torch_save"]
+__all__ = ["atomic_path", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "staged_directory"]
 
 
 @contextlib.contextmanager
@@ -66,3 +66,33 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: str | os.PathLike, subdirs: tuple[str, ...] = ("imagesTr", "labelsTr")) -> Iterator[Path]:
+    """Stage a dataset's files, then move them into ``out_dir`` only if every one was written.
+
+    Yields a hidden staging folder inside ``out_dir`` (same filesystem, so the moves are renames). Write
+    files into ``<staging>/<subdir>/``; on a clean exit each is ``os.replace``-d to ``out_dir/<subdir>/``.
+    On any error the staging folder is removed, and so is ``out_dir`` if this call created it, so a
+    failed preparation leaves nothing behind. Write the datalist after the block (atomically), last.
+    """
+    import shutil
+
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    try:
+        yield staging
+        for sub in subdirs:
+            (out_dir / sub).mkdir(exist_ok=True)
+            if (staging / sub).is_dir():
+                for f in sorted((staging / sub).iterdir()):
+                    os.replace(f, out_dir / sub / f.name)
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

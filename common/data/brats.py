@@ -26,8 +26,6 @@ from __future__ import annotations
 import gzip
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ import nibabel as nib
 import numpy as np
 
 from common.data.datalist import split_cases, write_datalist
-from common.io import atomic_path
+from common.io import atomic_path, staged_directory
 from common.validation import check_nonnegative, check_positive_int
 
 __all__ = [
@@ -301,45 +299,32 @@ def prepare_brats(
     parts = _split([c.case_id for c in cases], val_fraction, test_fraction, int(seed))
 
     out_dir = Path(out_dir)
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".brats-staging-", dir=out_dir))
-    try:
+    with staged_directory(out_dir) as staging:
         for i, case in enumerate(cases):
             logger.info("BraTS %d/%d: %s", i + 1, len(cases), case.case_id)
             image, label, affine = preprocess_brats_case(case, spatial, n4, shrink_factor, n4_iterations)
             _save_nifti(staging / "imagesTr" / f"{case.case_id}.nii.gz", np.moveaxis(image, 0, -1), affine)
             _save_nifti(staging / "labelsTr" / f"{case.case_id}.nii.gz", label, affine)
-        for sub in ("imagesTr", "labelsTr"):
-            (out_dir / sub).mkdir(exist_ok=True)
-            for f in sorted((staging / sub).iterdir()):
-                os.replace(f, out_dir / sub / f.name)
-        sections = {
-            name: [{"image": f"imagesTr/{c}.nii.gz", "label": f"labelsTr/{c}.nii.gz"} for c in ids]
-            for name, ids in parts.items()
-        }
-        path = write_datalist(
-            out_dir / DATALIST_NAME,
-            sections,
-            name="BraTS2017",
-            description="N4 bias-field corrected, resized, standardised over non-zero voxels per modality",
-            tensorImageSize="4D",
-            modality={str(i): m for i, m in enumerate(BRATS_MODALITIES)},
-            labels=BRATS_LABEL_NAMES,
-            preprocessing={
-                "size": list(spatial),
-                "n4": bool(n4),
-                "shrink_factor": shrink_factor,
-                "n4_iterations": list(n4_iterations),
-                "seed": int(seed),
-                "test_fraction": test_fraction,
-                "val_fraction": val_fraction,
-            },
-        )
-    except BaseException:
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    sections = {
+        name: [{"image": f"imagesTr/{c}.nii.gz", "label": f"labelsTr/{c}.nii.gz"} for c in ids]
+        for name, ids in parts.items()
+    }
+    path = write_datalist(
+        out_dir / DATALIST_NAME,
+        sections,
+        name="BraTS2017",
+        description="N4 bias-field corrected, resized, standardised over non-zero voxels per modality",
+        tensorImageSize="4D",
+        modality={str(i): m for i, m in enumerate(BRATS_MODALITIES)},
+        labels=BRATS_LABEL_NAMES,
+        preprocessing={
+            "size": list(spatial),
+            "n4": bool(n4),
+            "shrink_factor": shrink_factor,
+            "n4_iterations": list(n4_iterations),
+            "seed": int(seed),
+            "test_fraction": test_fraction,
+            "val_fraction": val_fraction,
+        },
+    )
     return str(path)

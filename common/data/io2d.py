@@ -18,8 +18,6 @@ import gzip
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from common.data.datalist import split_cases, write_datalist
-from common.io import atomic_path
+from common.io import atomic_path, staged_directory
 from common.validation import check_nonnegative, check_positive_int
 
 __all__ = [
@@ -349,35 +347,19 @@ def write_2d_dataset(
         raise ValueError("parts: a case id appears in more than one section or twice")
     suffix = ".nii.gz" if image_format == "nifti" else ".png"
     out_dir = Path(out_dir)
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".prepare-staging-", dir=out_dir))
-    try:
+    with staged_directory(out_dir) as staging:
         for i, case_id in enumerate(ids):
             logger.info("case %d/%d: %s", i + 1, len(ids), case_id)
             image, label, spacing = load_case(case_id)
             _write_case(staging, case_id, image, label, spacing, image_format)
-        for sub in ("imagesTr", "labelsTr"):
-            (out_dir / sub).mkdir(exist_ok=True)
-            if (staging / sub).is_dir():
-                for f in sorted((staging / sub).iterdir()):
-                    os.replace(f, out_dir / sub / f.name)
-        sections = {
-            name: [
-                {"image": f"imagesTr/{c}{suffix}", "label": f"labelsTr/{c}{suffix}"}
-                for c in parts.get(name, [])
-            ]
-            for name in SECTIONS
-        }
-        path = write_datalist(
-            out_dir / DATALIST_NAME, sections, numTraining=len(sections["training"]), **meta
-        )
-    except BaseException:
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    sections = {
+        name: [
+            {"image": f"imagesTr/{c}{suffix}", "label": f"labelsTr/{c}{suffix}"}
+            for c in parts.get(name, [])
+        ]
+        for name in SECTIONS
+    }
+    path = write_datalist(out_dir / DATALIST_NAME, sections, numTraining=len(sections["training"]), **meta)
     return path
 
 
