@@ -16,31 +16,16 @@ from typing import Any
 import fire
 
 from common.data.synthetic import PHANTOM_KINDS, write_phantom_dataset
+from scripts.cli import parse_size as parse_spatial_size
 
 __all__ = ["main", "parse_size"]
 
 
 def parse_size(size: Any, kind: str) -> tuple[int, ...]:
-    """``size`` as fire hands it over (tuple/list, int, or a string "128,128" / "128x128") -> tuple of
-    ints with one entry per spatial axis of ``kind`` (None: the kind's default)."""
-    ndim = PHANTOM_KINDS[kind].ndim
+    """``size`` as fire hands it over -> one int per spatial axis of ``kind`` (None: the kind's default)."""
     if size is None:
         return PHANTOM_KINDS[kind].default_size
-    if isinstance(size, str):
-        parts = [p for p in size.replace("x", ",").replace("(", "").replace(")", "").split(",") if p.strip()]
-        try:
-            size = tuple(int(p) for p in parts)
-        except ValueError:
-            raise ValueError(f"size: expected integers like '128,128', got {size!r}") from None
-    if isinstance(size, bool):
-        raise ValueError(f"size: expected {ndim} integers, got {size!r}")
-    if isinstance(size, int):
-        size = (size,) * ndim
-    if not isinstance(size, Sequence) or len(size) != ndim:
-        raise ValueError(f"size: the {kind} phantom needs {ndim} integers, got {size!r}")
-    if any(isinstance(s, bool) or not isinstance(s, int) for s in size):
-        raise ValueError(f"size: expected {ndim} integers, got {size!r}")
-    return tuple(size)
+    return parse_spatial_size(size, PHANTOM_KINDS[kind].ndim)
 
 
 def main(

@@ -4,39 +4,26 @@
         --out_dir bundles/unet3d_brats_distill/data/brats2017
 
 Reads ``<root>/{HGG,LGG}/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz`` (or ``<root>/<case>/...``) and
-writes ``<out_dir>/imagesTr``, ``<out_dir>/labelsTr`` and ``<out_dir>/dataset.json`` (the bundle's
+writes ``<out_dir>/imagesTr``, ``<out_dir>/labelsTr`` and ``<out_dir>/datalist.json`` (the bundle's
 default ``datalist``), as :func:`common.data.brats.prepare_brats` documents. ``--size 128`` or
 ``--size 128,128,128``; ``--n4 False`` skips the bias-field correction (faster, not the paper's).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import fire
 
 from common.data.brats import prepare_brats
+from scripts.cli import parse_size as parse_spatial_size
 
 __all__ = ["main", "parse_size"]
 
 
-def parse_size(size: Any) -> int | tuple[int, int, int]:
-    """``size`` as fire hands it over (int, tuple/list, or "128,128,128" / "128x128x128") -> an int or 3 ints."""
-    if isinstance(size, str):
-        parts = [p for p in size.replace("x", ",").replace("(", "").replace(")", "").split(",") if p.strip()]
-        try:
-            size = tuple(int(p) for p in parts)
-        except ValueError:
-            raise ValueError(f"size: expected integers like '128,128,128', got {size!r}") from None
-        size = size[0] if len(size) == 1 else size
-    if isinstance(size, bool) or not isinstance(size, (int, Sequence)):
-        raise ValueError(f"size: expected an int or 3 ints, got {size!r}")
-    if isinstance(size, Sequence):
-        if len(size) != 3 or any(isinstance(s, bool) or not isinstance(s, int) for s in size):
-            raise ValueError(f"size: expected 3 integers, got {size!r}")
-        return tuple(size)
-    return size
+def parse_size(size: Any) -> tuple[int, int, int]:
+    """``size`` as fire hands it over (an int, 3 ints, or "128,128,128") -> 3 ints."""
+    return parse_spatial_size(size, 3)
 
 
 def main(

@@ -119,7 +119,7 @@ def test_prepare_outputs_n4(brats_root, tmp_path):
     root, truth = brats_root
     out = tmp_path / "prepared"
     datalist = prepare_brats(root, out, size=16, n4=True, shrink_factor=2, n4_iterations=(10, 10))
-    assert Path(datalist) == out / "dataset.json"
+    assert Path(datalist) == out / "datalist.json"
     body = json.loads(Path(datalist).read_text())
     assert sorted(body["labels"]) == ["0", "1", "2", "4"]
     assert body["modality"] == {"0": "t1", "1": "t1ce", "2": "t2", "3": "flair"}

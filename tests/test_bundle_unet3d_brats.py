@@ -220,7 +220,7 @@ def test_prepare_brats_cli(tmp_path):
             "--n4", "False", "--test_fraction", "0", "--val_fraction", "0"]
     proc = subprocess.run([*base, "--size", "8,8,8"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    datalist = json.loads((out / "dataset.json").read_text())
+    datalist = json.loads((out / "datalist.json").read_text())
     assert [Path(d["image"]).name for d in datalist["training"]] == ["Brats17_X_1_1.nii.gz"]
     image = nib.load(out / "imagesTr" / "Brats17_X_1_1.nii.gz")
     assert image.shape == (8, 8, 8, 4)

@@ -10,7 +10,7 @@ Output layout (MSD Task01 style, paths in the datalist relative to ``out_dir``):
 
     <out_dir>/imagesTr/<case>.nii.gz   float32 (X, Y, Z, 4), channels last: t1, t1ce, t2, flair
     <out_dir>/labelsTr/<case>.nii.gz   uint8 (X, Y, Z), BraTS values {0, 1, 2, 4} kept
-    <out_dir>/dataset.json             {"training": [...], "validation": [...], "test": [...], ...}
+    <out_dir>/datalist.json             {"training": [...], "validation": [...], "test": [...], ...}
 
 Labels are stored as BraTS values; training maps them to class indices with
 ``common.networks.unet_brats.brats_to_index`` (or MONAI ``MapLabelValued``), and scoring in whole
@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 BRATS_MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 """File suffixes of the four MR series, in output channel order (paper: T1, T1Gd, T2, FLAIR)."""
-DATALIST_NAME = "dataset.json"
+DATALIST_NAME = "datalist.json"
 BRATS_LABEL_NAMES: dict[str, str] = {
     "0": "background",
     "1": "necrotic / non-enhancing tumour",
@@ -279,7 +279,7 @@ def prepare_brats(
             the 80 % for model selection. Either may be 0; their sum must be < 1.
         seed: seed of the split (``split_cases`` over sorted case ids, so it is the same on every run).
 
-    Returns the datalist path (``<out_dir>/dataset.json``). Arguments and the presence of every file
+    Returns the datalist path (``<out_dir>/datalist.json``). Arguments and the presence of every file
     are checked before any work; outputs are staged, moved into place once every case has been
     processed, and the datalist is written last: an error (FileNotFoundError / ValueError naming the
     file) leaves no new dataset behind.
