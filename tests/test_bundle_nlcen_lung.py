@@ -109,3 +109,21 @@ def test_skin_variant_builds_a_three_channel_resnet50():
     assert net(torch.rand(1, 3, 64, 64)).shape == (1, 2, 64, 64)
     with pytest.raises(ValueError, match="^x"):
         net(torch.rand(1, 1, 64, 64))
+
+
+def test_a_mask_with_labels_outside_the_declared_classes_is_rejected_naming_the_file(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    image, label = tmp_path / "img.nii.gz", tmp_path / "bad_mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.rand(64, 64).astype(np.float32), np.eye(4)), image)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:20, 10:20] = 9  # not a chest label
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), label)
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / c) for c in ("train.json", "demo.json")])
+    parser["bundle_root"] = str(BUNDLE)
+    preprocessing = parser.get_parsed_content("validate#preprocessing")
+    with pytest.raises(RuntimeError) as info:
+        preprocessing({"image": str(image), "label": str(label)})
+    assert "bad_mask.nii.gz" in str(info.value.__cause__) and "[9.0]" in str(info.value.__cause__)
