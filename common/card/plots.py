@@ -1,0 +1,258 @@
+"""Figures of the robustness card: Dice vs ε, certified Dice vs σ, and the examples panel.
+
+Each function takes the card dict (``/tmp/card/SCHEMA.md``, validated by :mod:`common.card.render`)
+and returns PNG bytes, so the same bytes are written to disk and embedded in the HTML page. Figures
+use matplotlib's object API (``Figure`` + ``FigureCanvasAgg``, as :mod:`common.report` does): no
+``pyplot`` global state, no backend switch.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgb
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+__all__ = [
+    "ABSTAIN",
+    "ABSTAIN_COLOUR",
+    "certified_dice_vs_sigma_png",
+    "dice_vs_eps_png",
+    "examples_png",
+    "label_colours",
+    "label_names",
+]
+
+ABSTAIN = -1
+ABSTAIN_COLOUR = (1.0, 0.0, 1.0)  # magenta: absent from the class palette below, visible on black
+_CLASS_COLOURS = [
+    "#000000",
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#17becf",
+    "#bcbd22",
+    "#8c564b",
+    "#7f7f7f",
+    "#9467bd",
+]
+_MAX_CLASS_PANELS = 4  # more foreground classes than this: plot the mean over classes instead
+_DPI = 110
+
+
+def _num(value: Any) -> float:
+    """A card number as float; ``None`` (undefined) becomes NaN, which matplotlib leaves as a gap."""
+    return math.nan if value is None else float(value)
+
+
+def _text(value: Any) -> str:
+    """A user string (class name, case id) safe for matplotlib: ``$`` would start mathtext and a leading
+    ``_`` hides a legend entry."""
+    text = str(value).replace("$", r"\$")
+    return " " + text if text.startswith("_") else text
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _class_series(values: Sequence[Mapping[str, Any]], classes: Sequence[str]) -> dict[str, np.ndarray]:
+    """{panel name: array over ``values``}: one series per class, or their mean (ignoring undefined
+    classes) when there are more classes than :data:`_MAX_CLASS_PANELS`."""
+    table = np.array([[_num(v.get(c)) for c in classes] for v in values], dtype=np.float64).reshape(
+        len(values), len(classes)
+    )
+    if len(classes) <= _MAX_CLASS_PANELS:
+        return {c: table[:, i] for i, c in enumerate(classes)}
+    with np.errstate(all="ignore"):
+        finite = np.isfinite(table)
+        count = finite.sum(axis=1)
+        mean = np.where(count > 0, np.where(finite, table, 0.0).sum(axis=1) / np.maximum(count, 1), np.nan)
+    return {"mean over classes": mean}
+
+
+def dice_vs_eps_png(card: Mapping[str, Any]) -> bytes:
+    """Mean Dice (± sd band) against ε (in ``units.eps_unit``), one line per attack, one panel per
+    foreground class (or the class mean past four classes). Every line starts at the clean Dice, ε = 0."""
+    classes = list(card["bundle"]["class_names"])
+    eps_unit = card["units"]["eps_unit"]
+    attacks = list(dict.fromkeys(a["name"] for a in card["attacks"]))
+    clean = _class_series([card["clean"]["mean"]], classes)
+    panels = list(clean)
+    fig = Figure(figsize=(4.2 * len(panels), 3.6), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    for p, panel in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), p + 1)
+        for name in attacks:
+            rows = sorted((a for a in card["attacks"] if a["name"] == name), key=lambda a: a["eps"])
+            xs = np.array([0.0] + [float(a["eps"]) for a in rows])
+            means = np.concatenate([clean[panel], _class_series([a["mean"] for a in rows], classes)[panel]])
+            sds = np.concatenate([[0.0], _class_series([a["sd"] for a in rows], classes)[panel]])
+            sds = np.nan_to_num(sds, nan=0.0)
+            (line,) = ax.plot(xs, means, marker="o", label=_text(name))
+            ax.fill_between(xs, means - sds, means + sds, color=line.get_color(), alpha=0.12, linewidth=0)
+        ax.axhline(clean[panel][0], color="0.4", linestyle=":", linewidth=1, label="clean")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel(f"ε ({eps_unit})", fontsize=8)
+        ax.set_ylabel("Dice")
+        ax.set_title(_text(panel))
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def certified_dice_vs_sigma_png(card: Mapping[str, Any]) -> bytes:
+    """Certified Dice (abstained pixels ignored) against σ, one line per foreground class (or the class
+    mean), dotted at each class's clean Dice; abstain fraction on the right axis (dashed, black)."""
+    classes = list(card["bundle"]["class_names"])
+    rows = sorted(card["certification"], key=lambda r: r["sigma"])
+    sigmas = np.array([float(r["sigma"]) for r in rows])
+    cert = _class_series([r["certified_dice"] for r in rows], classes)
+    clean = _class_series([card["clean"]["mean"]], classes)
+    fig = Figure(figsize=(5.6, 3.8), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for name, values in cert.items():
+        (line,) = ax.plot(sigmas, values, marker="o", label=_text(f"certified Dice: {name}"))
+        if math.isfinite(clean[name][0]):
+            ax.axhline(
+                clean[name][0],
+                color=line.get_color(),
+                linestyle=":",
+                linewidth=1,
+                label=_text(f"clean Dice: {name}"),
+            )
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(f"σ ({card['units'].get('sigma_unit') or 'network-input units'})")
+    ax.set_ylabel("certified Dice")
+    ax.grid(True, alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(
+        sigmas,
+        [float(r["abstain_fraction"]) for r in rows],
+        color="black",
+        linestyle="--",
+        marker="s",
+        label="abstain fraction",
+    )
+    ax2.set_ylim(-0.02, 1.02)
+    ax2.set_ylabel("abstain fraction")
+    handles = ax.get_legend_handles_labels()
+    handles2 = ax2.get_legend_handles_labels()
+    ax.legend(handles[0] + handles2[0], handles[1] + handles2[1], loc="best", fontsize=7)
+    ax.set_title("Randomized-smoothing certification")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def label_names(num_labels: int, class_names: Sequence[str], num_classes: int) -> list[str]:
+    """Legend name of label values ``0..num_labels-1``: ``class_names`` index the labels when they name
+    every class (or every foreground class, background being 0); otherwise (e.g. BraTS regions, which are
+    unions of labels) the labels are named by their value."""
+    names = list(class_names)
+    if len(names) == num_classes:
+        by_value = names
+    elif len(names) == num_classes - 1:
+        by_value = ["background", *names]
+    else:
+        by_value = []
+    return [by_value[k] if k < len(by_value) else f"label {k}" for k in range(num_labels)]
+
+
+def label_colours(labels: np.ndarray, num_labels: int) -> np.ndarray:
+    """(H, W) integer labels → (H, W, 3) RGB: background black, classes from a fixed palette (cycled),
+    ``ABSTAIN`` (-1) magenta. Vectorised lookup, no loop over pixels."""
+    palette = np.array(
+        [to_rgb(_CLASS_COLOURS[k % len(_CLASS_COLOURS)]) for k in range(num_labels)] + [ABSTAIN_COLOUR]
+    )
+    lab = labels.astype(np.int64)
+    return palette[np.where(lab == ABSTAIN, num_labels, lab)]
+
+
+def examples_png(card: Mapping[str, Any], examples: Mapping[str, np.ndarray]) -> bytes:
+    """The examples panel: clean image, adversarial image (both on the network input range), perturbation
+    (diverging colormap, symmetric limits ±max|δ|), label, clean / adversarial / certified predictions
+    (abstentions magenta) and a legend of the label colours. Arrays are (H, W) as in SCHEMA.md."""
+    meta = card["examples"]
+    bundle = card["bundle"]
+    lo, hi = (float(v) for v in card["units"]["input_range"])
+    image = np.asarray(examples["image"], dtype=np.float64)
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        lo, hi = (
+            float(image.min()),
+            float(image.max()) if image.max() > image.min() else float(image.min()) + 1,
+        )
+    delta = np.asarray(examples["perturbation"], dtype=np.float64)
+    lim = float(np.abs(delta).max())
+    lim = lim if lim > 0 else 1.0
+    maps = ("label", "pred_clean", "pred_adversarial", "pred_certified")
+    num_labels = max(int(bundle["num_classes"]), 1 + max(int(np.asarray(examples[k]).max()) for k in maps))
+    channels = bundle.get("channel_names")  # optional: one name per output channel, background included
+    names = label_names(
+        num_labels,
+        channels
+        if isinstance(channels, list) and len(channels) == int(bundle["num_classes"])
+        else bundle["class_names"],
+        int(bundle["num_classes"]),
+    )
+    abstain = float(np.mean(np.asarray(examples["pred_certified"]) == ABSTAIN))
+    attack = _text(f"{meta['attack']}, ε={float(meta['eps']):.4g}")
+
+    fig = Figure(figsize=(11.0, 5.8), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    panels = [
+        ("clean image", image, "gray", (lo, hi)),
+        (f"adversarial ({attack})", examples["adversarial"], "gray", (lo, hi)),
+        ("perturbation δ = adv − clean", delta, "RdBu_r", (-lim, lim)),
+        ("label", examples["label"], None, None),
+        ("clean prediction", examples["pred_clean"], None, None),
+        ("adversarial prediction", examples["pred_adversarial"], None, None),
+        (
+            f"certified (σ={float(meta['sigma']):.4g}), abstain {100 * abstain:.1f} %",
+            examples["pred_certified"],
+            None,
+            None,
+        ),
+    ]
+    for i, (title, data, cmap, limits) in enumerate(panels):
+        ax = fig.add_subplot(2, 4, i + 1)
+        if cmap is None:
+            ax.imshow(label_colours(np.asarray(data), num_labels), interpolation="nearest")
+        else:
+            shown = ax.imshow(
+                np.asarray(data, dtype=np.float64),
+                cmap=cmap,
+                vmin=limits[0],
+                vmax=limits[1],
+                interpolation="nearest",
+            )
+            cbar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+            cbar.ax.tick_params(labelsize=7)
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    legend_ax = fig.add_subplot(2, 4, 8)
+    legend_ax.axis("off")
+    present = set(np.unique(np.concatenate([np.asarray(examples[k]).ravel() for k in maps])).tolist())
+    handles = [
+        Patch(facecolor=label_colours(np.array([k]), num_labels)[0], edgecolor="0.5", label=_text(names[k]))
+        for k in range(num_labels)
+        if k in present or k < int(bundle["num_classes"])
+    ]
+    handles.append(Patch(facecolor=ABSTAIN_COLOUR, edgecolor="0.5", label="abstain (−1)"))
+    legend_ax.legend(handles=handles, loc="center", fontsize=8, title="labels", frameon=True)
+    where = f"case {meta['case_id']}"
+    if meta.get("slice_axis") is not None:
+        where += f", slice {meta.get('slice_index')} along axis {meta['slice_axis']}"
+    fig.suptitle(_text(where), fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
