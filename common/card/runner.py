@@ -1,0 +1,399 @@
+"""Run a robustness card on any MONAI bundle (issue #9) and write it whole or not at all.
+
+:func:`run_card` reads the bundle (:mod:`common.card.bundle_reader`) and the datalist
+(:mod:`common.card.cases`), validates everything first (every case is loaded and its label checked, the
+forward is checked on the first case) so that bad input raises before anything is written, then
+evaluates every case (:mod:`common.card.parts`), aggregates (means, sd, two-sided Wilcoxon signed-rank
+tests of each (attack, ε) against clean with Holm correction over the (attack, ε) family of each class,
+:func:`common.evaluation.compare_with_clean`), and writes ``card.json``, ``examples.npz`` and the
+rendered card (:func:`common.card.render.render_card`) into a staging folder that is moved into
+``output_dir`` only when everything succeeded (:func:`common.io.staged_directory`).
+
+Resume: each case's record is cached as ``output_dir/.card_cache/<key>/<case_id>.json`` (atomically),
+``<key>`` a hash of every setting that changes the numbers (grids, seed, attack and certification
+parameters, the config file, overrides and checkpoint hashes). A cached record is reused when the
+image and label files still have the hashes it was computed from. The cache is not part of the card
+and survives a failed run.
+
+Units: ε and σ are given as fractions of the input range (the intensity range of the network input,
+from the preprocessing); the card states both that and the values in input units.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from common.card.bundle_reader import Bundle, check_forward, read_bundle, sha256_file
+from common.card.cases import CaseRef, load_case, read_datalist
+from common.card.parts import (
+    ATTACKS,
+    PartSettings,
+    attack_settings,
+    evaluate_case,
+    mean_or_none,
+    sd_or_none,
+    timings,
+)
+from common.evaluation import compare_with_clean
+from common.io import atomic_path, atomic_write_json, staged_directory
+from common.validation import check_nonnegative, check_positive_int, check_probability
+
+__all__ = ["run_card", "DEFAULT_EPS", "DEFAULT_SIGMAS", "CACHE_DIR", "SCHEMA_VERSION", "EXAMPLE_ATTACK"]
+
+DEFAULT_EPS = (0.01, 0.02, 0.04, 0.08)
+DEFAULT_SIGMAS = (0.25, 0.5)
+CACHE_DIR = ".card_cache"
+SCHEMA_VERSION = 1
+EXAMPLE_ATTACK = "IFGSM-ce"
+EPS_UNIT = "fraction of the input range"
+
+
+def _grid(values: Any, name: str) -> tuple[float, ...]:
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        values = [values]
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        raise ValueError(f"{name}: expected a non-empty list of numbers > 0, got {values!r}")
+    grid = tuple(check_nonnegative(v, name) for v in values)
+    if any(v <= 0 for v in grid):
+        raise ValueError(f"{name}: every value must be > 0, got {list(grid)}")
+    return grid
+
+
+def _versions() -> dict[str, str]:
+    import monai
+
+    try:
+        own = importlib.metadata.version("robust-seg-monai")
+    except importlib.metadata.PackageNotFoundError:
+        own = "unknown"
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "monai": monai.__version__,
+            "numpy": np.__version__, "robust_seg_monai": own, "platform": platform.platform()}
+
+
+def _validate_cases(bundle: Bundle, cases: Sequence[CaseRef], progress: bool) -> tuple[float, float, int]:
+    """Load and check every case, check the forward on the first; return the measured input min and max
+    and the number of spatial dims."""
+    low, high = float("inf"), float("-inf")
+    spatial = None
+    for i, case in enumerate(tqdm(cases, desc="checking cases", disable=not progress, leave=False)):
+        x, _ = load_case(bundle, case)
+        if spatial is None:
+            spatial = x.ndim
+            check_forward(bundle, x, f"'image' file {case.image}")
+        elif x.ndim != spatial:
+            raise ValueError(f"datalist {case.datalist}: 'image' file {case.image} has {x.ndim - 2} spatial "
+                             f"dims, the first case {spatial - 2}")
+        low, high = min(low, float(x.min())), max(high, float(x.max()))
+    return low, high, spatial - 2
+
+
+def _cache_key(bundle: Bundle, settings: Mapping[str, Any]) -> str:
+    body = {
+        "settings": settings,
+        "config_sha256": sha256_file(bundle.config_path),
+        "checkpoint_sha256": bundle.checkpoint_sha256,
+        "extra_checkpoints": {k: v["sha256"] for k, v in bundle.extra_checkpoints.items()},
+        "overrides": bundle.overrides,
+        "class_names": bundle.class_names,
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cached(path: Path, inputs: Mapping[str, str], need_example: bool) -> dict[str, Any] | None:
+    """The cached record at ``path`` if it was computed from the same files (and has its example arrays)."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if record.get("inputs") != dict(inputs):
+        return None
+    if need_example and ("example" not in record or not path.with_suffix(".npz").is_file()):
+        return None
+    return record
+
+
+def _attack_entries(records: Mapping[str, Mapping[str, Any]], run: _Run) -> list[dict]:
+    """One entry per (attack, ε): mean, sd, per-case Dice, Wilcoxon p against clean and its Holm
+    adjustment over the (attack, ε) family of each class."""
+    ids, classes = list(records), run.bundle.foreground_names
+    clean = np.array([[records[c]["clean"][k] for c in ids] for k in classes], dtype=np.float64)  # (M, n)
+    keys = [(a, j) for a in ATTACKS for j in range(len(run.eps))]
+    attacked = np.array([[[records[c]["attacks"][a][j][k] for c in ids] for a, j in keys] for k in classes],
+                        dtype=np.float64)  # (M, k, n)
+    tests = compare_with_clean(clean, attacked)
+    out = []
+    for t, (a, j) in enumerate(keys):
+        per_case = {c: dict(records[c]["attacks"][a][j]) for c in ids}
+        out.append({
+            "name": a, "eps": run.eps[j], "eps_input_units": run.eps_input[j],
+            "mean": {k: mean_or_none([per_case[c][k] for c in ids]) for k in classes},
+            "sd": {k: sd_or_none([per_case[c][k] for c in ids]) for k in classes},
+            "p_wilcoxon": {k: float(tests["p_wilcoxon"][m, t]) for m, k in enumerate(classes)},
+            "p_adjusted": {k: float(tests["p_holm"][m, t]) for m, k in enumerate(classes)},
+            "per_case": per_case,
+        })
+    return out
+
+
+def _cert_entries(records: Mapping[str, Mapping[str, Any]], run: _Run) -> list[dict]:
+    """One entry per σ: mean certified Dice (abstained pixels ignored), abstained fraction, radius."""
+    ids, classes = list(records), run.bundle.foreground_names
+    out = []
+    for i, sigma in enumerate(run.sigmas):
+        rows = {c: records[c]["certification"][i] for c in ids}
+        per_case = {c: {"certified_dice": dict(r["certified_dice"]),
+                        "abstain_fraction": float(r["abstain_fraction"])} for c, r in rows.items()}
+        out.append({
+            "sigma": sigma, "sigma_input_units": run.sigmas_input[i],
+            "certified_dice": {k: mean_or_none([per_case[c]["certified_dice"][k] for c in ids])
+                               for k in classes},
+            "abstain_fraction": float(np.mean([per_case[c]["abstain_fraction"] for c in ids])),
+            "certified_radius": float(rows[ids[0]]["certified_radius"]),
+            "per_case": per_case,
+        })
+    return out
+
+
+def _command(args: Mapping[str, Any]) -> str:
+    """The command line that reproduces the card."""
+    parts = ["python -m scripts.robustness_card"]
+    for key, value in args.items():
+        if value is None:
+            continue
+        text = json.dumps(value) if not isinstance(value, str) else value
+        parts.append(f"--{key} '{text}'" if any(ch in text for ch in " []{}\"$") else f"--{key} {text}")
+    return " ".join(parts)
+
+
+@dataclass
+class _Run:
+    """A validated run: the bundle, its cases, the grids (card unit and input units) and the cache folder."""
+
+    bundle: Bundle
+    cases: list[CaseRef]
+    section: str
+    input_range: tuple[float, float]
+    spatial_dims: int
+    eps: list[float]
+    sigmas: list[float]
+    eps_input: list[float]
+    sigmas_input: list[float]
+    parts: PartSettings
+    settings: dict[str, Any]
+    cache: Path
+    args: dict[str, Any]
+
+
+def _prepare(args: dict[str, Any], progress: bool) -> _Run:
+    """Check the arguments, read the bundle and the datalist, load and check every case (nothing written)."""
+    eps, sigmas = _grid(args["eps"], "eps"), _grid(args["sigmas"], "sigmas")
+    n0, n = check_positive_int(args["n0"], "n0"), check_positive_int(args["n"], "n")
+    steps = check_positive_int(args["steps"], "steps")
+    batch_size = check_positive_int(args["batch_size"], "batch_size")
+    alpha = check_probability(args["alpha"], "alpha")
+    if args["max_cases"] is not None:
+        check_positive_int(args["max_cases"], "max_cases")
+    seed = args["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
+    bundle = read_bundle(args["bundle_root"], args["config"], args["ckpt"], args["device"], args["overrides"])
+    cases, section = read_datalist(args["datalist"], args["max_cases"])
+    *measured, spatial_dims = _validate_cases(bundle, cases, progress)
+    rng = bundle.input_range
+    low, high = measured if rng.measured else (rng.low, rng.high)
+    if not high > low:
+        raise ValueError(f"datalist {args['datalist']}: the input range {low}..{high} is empty")
+    eps_input, sigmas_input = [e * (high - low) for e in eps], [s * (high - low) for s in sigmas]
+    parts = PartSettings(tuple(eps_input), tuple(sigmas_input), steps, n0, n, alpha, args["tau"], "holm",
+                         batch_size, seed, rng.clip)
+    settings = {
+        "seed": seed,
+        "attacks": attack_settings(steps),
+        "certification": {"sigmas": list(sigmas), "sigmas_input_units": sigmas_input, "n0": n0, "n": n,
+                          "alpha": alpha, "tau": parts.tau, "correction": "holm", "batch_size": batch_size},
+        "wilcoxon": {"alternative": "two-sided", "correction": "holm"},
+        "clip": list(rng.clip) if rng.clip else None,
+    }
+    key = _cache_key(bundle, {**settings, "eps_input": eps_input, "input_range": [low, high]})
+    return _Run(bundle, cases, section, (float(low), float(high)), spatial_dims, list(eps), list(sigmas),
+                eps_input, sigmas_input, parts, {**settings, "device": str(bundle.device)},
+                Path(args["output_dir"]) / CACHE_DIR / key, args)
+
+
+def _evaluate(run: _Run, progress: bool) -> tuple[dict[str, dict[str, Any]], int]:
+    """Every case's record, from the cache when it holds one for the same files, else computed and cached.
+    The first case also keeps the example slices (``<case_id>.npz`` beside its record)."""
+    example = (EXAMPLE_ATTACK, len(run.eps) - 1, 0)
+    records: dict[str, dict[str, Any]] = {}
+    reused = 0
+    bar = tqdm(run.cases, desc=f"robustness card {run.bundle.name}", disable=not progress)
+    for case in bar:
+        bar.set_postfix_str(case.case_id)
+        inputs = {"image_sha256": sha256_file(case.image), "label_sha256": sha256_file(case.label)}
+        path = run.cache / f"{case.case_id}.json"
+        is_example = case is run.cases[0]
+        record = _cached(path, inputs, is_example)
+        if record is not None:
+            reused += 1
+        else:
+            x, y = load_case(run.bundle, case)
+            record, arrays = evaluate_case(run.bundle.forward, x, y, case.case_id, run.bundle.class_names,
+                                           run.parts, run.sigmas, example if is_example else None)
+            record["inputs"] = inputs
+            if arrays is not None:
+                with atomic_path(path.with_suffix(".npz")) as tmp, open(tmp, "wb") as fh:
+                    np.savez(fh, **arrays)
+            atomic_write_json(path, record)
+        records[case.case_id] = record
+    bar.close()
+    return records, reused
+
+
+def _notes(run: _Run, reused: int) -> list[str]:
+    rng, (low, high) = run.bundle.input_range, run.input_range
+    notes = list(run.bundle.notes)
+    if rng.measured:
+        notes.append(f"Input range measured on the {len(run.cases)} cases: {low:g}..{high:g} ({rng.source}).")
+    return notes + [
+        "Dice per foreground class (MONAI DiceMetric); a class absent from both the label and the prediction "
+        "scores 1.",
+        f"I-FGSM: steps = {run.parts.steps}, alpha = 2.5 eps / steps, no random start; the targeted I-FGSM "
+        "aims at the inverted mask (background -> class 1, foreground -> background).",
+        "Cost: the clean forward is the median of 3 passes per case; an attack's cost is per case and per "
+        "eps (crafting plus the prediction), mean over the eps grid; certification is per case and sigma "
+        "(n0 + n passes).",
+        "Certified Dice ignores abstained pixels (Laousy et al. 2023); sigma is in the unit of eps; the "
+        "certified radius is in input units.",
+        f"{reused} of {len(run.cases)} cases were reused from the cache {run.cache}.",
+    ]
+
+
+def _card(run: _Run, records: dict[str, dict[str, Any]], reused: int) -> dict[str, Any]:
+    """The card dict of SCHEMA.md (plus ``command``, ``cache`` and a few documented extra keys)."""
+    b, ids, classes = run.bundle, list(records), run.bundle.foreground_names
+    cost = timings(records)
+    forward_s = cost.pop("clean_forward")
+    first = ids[0]
+    command_args = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in run.args.items()
+                    if k not in ("alpha", "tau", "batch_size")}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "title": f"Robustness card: {b.name}" + (f" {b.version}" if b.version else ""),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": _command(command_args),
+        "bundle": {
+            "root": str(b.root), "name": b.name, "version": b.version, "config": str(b.config_path),
+            "checkpoint": str(b.checkpoint) if b.checkpoint else None,
+            "checkpoint_sha256": b.checkpoint_sha256,
+            "network": b.network_target, "inferer": b.inferer, "spatial_dims": run.spatial_dims,
+            "num_classes": b.num_classes, "class_names": classes, "channel_names": b.class_names,
+            "display_name": b.display_name, "extra_checkpoints": b.extra_checkpoints,
+        },
+        "data": {"datalist": str(Path(run.args["datalist"]).resolve()), "section": run.section,
+                 "num_cases": len(ids), "case_ids": ids},
+        "units": {"input_range": list(run.input_range), "range_source": b.input_range.source,
+                  "eps_unit": EPS_UNIT, "eps": run.eps, "eps_input_units": run.eps_input,
+                  "sigma_unit": EPS_UNIT,
+                  "sigma_input_units": run.sigmas_input},
+        "settings": run.settings,
+        "versions": _versions(),
+        "clean": {"mean": {k: mean_or_none([records[c]["clean"][k] for c in ids]) for k in classes},
+                  "sd": {k: sd_or_none([records[c]["clean"][k] for c in ids]) for k in classes},
+                  "per_case": {c: dict(records[c]["clean"]) for c in ids}},
+        "attacks": _attack_entries(records, run),
+        "certification": _cert_entries(records, run),
+        "cost": {"clean_forward_s_per_case": forward_s,
+                 "parts": {p: {"s_per_case": s, "ratio_to_forward": s / forward_s if forward_s > 0 else None}
+                           for p, s in cost.items()}},
+        "examples": {"case_id": first, **records[first]["example"], "attack": EXAMPLE_ATTACK,
+                     "eps": run.eps[-1], "sigma": run.sigmas[0]},
+        "cache": {"dir": str(run.cache), "reused_cases": reused, "computed_cases": len(ids) - reused},
+        "notes": _notes(run, reused),
+    }
+
+
+def run_card(
+    bundle_root: str | os.PathLike,
+    datalist: str | os.PathLike,
+    config: str = "inference.json",
+    ckpt: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike | None = None,
+    eps: Sequence[float] = DEFAULT_EPS,
+    sigmas: Sequence[float] = DEFAULT_SIGMAS,
+    n0: int = 10,
+    n: int = 100,
+    steps: int = 10,
+    max_cases: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    overrides: Mapping[str, Any] | None = None,
+    alpha: float = 0.001,
+    tau: float = 0.75,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Compute and write the robustness card of the bundle at ``bundle_root`` on the cases of ``datalist``.
+
+    Args:
+        config: the bundle's inference config (a file name under ``configs/`` or a path).
+        ckpt: checkpoint for ``network_def`` (default: see :mod:`common.card.bundle_reader`).
+        output_dir: where the card goes (default ``<bundle_root>/eval/robustness_card``).
+        eps: ε grid, fractions of the input range; ``sigmas``: σ grid, in the same unit.
+        n0, n, alpha, tau, batch_size: certification (:func:`common.certify.certify`, Holm correction).
+        steps: iterations of the I-FGSM attacks (α = 2.5 ε / steps).
+        max_cases: use at most this many cases of the datalist section.
+        seed: seeds MONAI (``set_determinism``) and the certification noise.
+        overrides: config ids of the bundle's config to set before parsing (``{"image_size": [64, 64]}``).
+
+    Returns:
+        paths of the written files: ``json``, ``examples_npz`` and the renderer's ``md``, ``html`` and PNGs.
+    """
+    from monai.utils import set_determinism
+
+    if output_dir is None:
+        output_dir = Path(bundle_root) / "eval" / "robustness_card"
+    args = {"bundle_root": bundle_root, "datalist": datalist, "config": config, "ckpt": ckpt,
+            "output_dir": output_dir, "eps": eps, "sigmas": sigmas, "n0": n0, "n": n, "steps": steps,
+            "max_cases": max_cases, "seed": seed, "device": str(device),
+            "overrides": dict(overrides) if overrides else None, "alpha": alpha, "tau": tau,
+            "batch_size": batch_size}
+    if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0:
+        set_determinism(seed=seed)
+    run = _prepare(args, progress)
+    records, reused = _evaluate(run, progress)
+    with np.load(run.cache / f"{run.cases[0].case_id}.npz") as npz:
+        examples = {k: npz[k] for k in npz.files}
+    return _write(_card(run, records, reused), examples, Path(output_dir))
+
+
+def _write(card: dict[str, Any], examples: Mapping[str, np.ndarray], out_dir: Path) -> dict[str, Path]:
+    """Stage card.json, examples.npz and the rendered card, then move them into ``out_dir``."""
+    from common.card.render import render_card
+
+    text = json.dumps(card, indent=2, allow_nan=False)  # serialise first: a bad value fails before any write
+    names: dict[str, str] = {}
+    with staged_directory(out_dir, subdirs=(".",)) as staging:
+        atomic_write_json(staging / "card.json", json.loads(text))
+        with atomic_path(staging / "examples.npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **examples)
+        rendered = render_card(card, dict(examples), staging)
+        names = {"json": "card.json", "examples_npz": "examples.npz"}
+        names.update({k: Path(p).name for k, p in rendered.items()})
+    return {k: out_dir / name for k, name in names.items()}
