@@ -32,8 +32,10 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from monai.metrics import compute_dice, compute_iou
+from tqdm.auto import tqdm
 
 from common.certify import ABSTAIN, CORRECTIONS, certified_metrics, certify
+from common.distributed import barrier, gather_objects, is_main_process, num_local_batches, shard_batches
 from common.io import atomic_torch_save, atomic_write_json
 from common.report import markdown_table, write_bytes, write_csv
 from common.validation import check_nonnegative, check_positive_int, check_probability, main_output
@@ -150,6 +152,10 @@ class CertificationRun:
             case, σ and method, so all methods see the same noise draws.
         include_clean: also score each method's plain prediction (σ = 0 row).
         image_key, label_key: keys of the loader's dict batches.
+        progress: a tqdm bar over batches (stderr; rank 0 only under ``torchrun``).
+
+    Under ``torchrun`` each rank certifies its shard of the cases and rank 0 alone writes the files, the
+    same files with the same numbers as one process.
     """
 
     def __init__(
@@ -170,6 +176,7 @@ class CertificationRun:
         image_key: str = "image",
         label_key: str = "label",
         title: str = "Certified segmentation",
+        progress: bool = True,
     ) -> None:
         self.params = check_certification_config(sigmas, n0, n, alpha, tau, correction)
         self.num_classes = check_positive_int(num_classes, "num_classes")
@@ -195,60 +202,91 @@ class CertificationRun:
         self.seed = int(seed)
         self.include_clean = bool(include_clean)
         self.image_key, self.label_key, self.title = image_key, label_key, title
+        self.progress = bool(progress)
+
+    def _certify_batch(self, batch: Mapping, offset: int, keep_panel: bool) -> dict[str, Any]:
+        """Rows, clean rows and certified labels of one batch (``offset``: cases before it); its figure
+        panel (image, truth, certified maps; noise added later) when ``keep_panel``."""
+        p = self.params
+        rows, clean_rows, labels = [], [], {}
+        x, y = batch[self.image_key], batch[self.label_key]
+        x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+        y = y.as_tensor() if hasattr(y, "as_tensor") else torch.as_tensor(y)
+        y = y[:, 0] if y.ndim == x.ndim else y
+        x, y = x.float(), y.long().to(x.device)
+        names = [_case_name(batch, self.image_key, offset)] if x.shape[0] == 1 else [
+            f"case_{offset + i:03d}" for i in range(x.shape[0])
+        ]
+        panel = {"image": x[0].cpu(), "truth": y[0].cpu(), "noisy": {}, "certified": {}}
+        for method, (forward, denoiser) in self.methods.items():
+            if self.include_clean:
+                with torch.no_grad():
+                    pred = main_output(forward(x)).argmax(1)
+                scores = _plain_scores(pred, y, self.num_classes)
+                clean_rows += [_row(nm, method, 0.0, 0.0, scores, self.class_names, i)
+                               for i, nm in enumerate(names)]
+            for sigma in p["sigmas"]:
+                generator = torch.Generator(device=x.device).manual_seed(self.seed)
+                cert = certify(forward, x, sigma, p["n0"], p["n"], p["alpha"], p["tau"], p["correction"],
+                               self.batch_size, denoiser, generator)
+                scores = certified_metrics(cert, y, self.num_classes)
+                rows += [_row(nm, method, sigma, cert.radius, scores, self.class_names, i)
+                         for i, nm in enumerate(names)]
+                for i, nm in enumerate(names):
+                    labels[f"{method}/sigma={sigma:g}/{nm}"] = cert.labels[i].to(torch.int16).cpu()
+                panel["certified"][(method, sigma)] = cert.labels[0].cpu()
+        return {"rows": rows, "clean_rows": clean_rows, "labels": labels,
+                "panel": panel if keep_panel else None}
 
     def certify_loader(self, loader: Iterable) -> dict[str, Any]:
-        """Certify every case of ``loader`` (dict batches); returns rows, clean rows, labels, figure data."""
-        p = self.params
-        rows, clean_rows, labels, figure = [], [], {}, None
-        index = 0
-        for batch in loader:
-            x, y = batch[self.image_key], batch[self.label_key]
-            x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
-            y = y.as_tensor() if hasattr(y, "as_tensor") else torch.as_tensor(y)
-            y = y[:, 0] if y.ndim == x.ndim else y
-            x, y = x.float(), y.long().to(x.device)
-            names = [_case_name(batch, self.image_key, index)] if x.shape[0] == 1 else [
-                f"case_{index + i:03d}" for i in range(x.shape[0])
-            ]
-            panel = {"image": x[0].cpu(), "truth": y[0].cpu(), "noisy": {}, "certified": {}}
-            for method, (forward, denoiser) in self.methods.items():
-                if self.include_clean:
-                    with torch.no_grad():
-                        pred = main_output(forward(x)).argmax(1)
-                    scores = _plain_scores(pred, y, self.num_classes)
-                    clean_rows += [_row(nm, method, 0.0, 0.0, scores, self.class_names, i)
-                                   for i, nm in enumerate(names)]
-                for sigma in p["sigmas"]:
-                    generator = torch.Generator(device=x.device).manual_seed(self.seed)
-                    cert = certify(forward, x, sigma, p["n0"], p["n"], p["alpha"], p["tau"], p["correction"],
-                                   self.batch_size, denoiser, generator)
-                    scores = certified_metrics(cert, y, self.num_classes)
-                    rows += [_row(nm, method, sigma, cert.radius, scores, self.class_names, i)
-                             for i, nm in enumerate(names)]
-                    for i, nm in enumerate(names):
-                        labels[f"{method}/sigma={sigma:g}/{nm}"] = cert.labels[i].to(torch.int16).cpu()
-                    panel["certified"][(method, sigma)] = cert.labels[0].cpu()
-            if figure is None:
-                gen = torch.Generator().manual_seed(self.seed)
-                for sigma in p["sigmas"]:
-                    noise = torch.randn(panel["image"].shape, generator=gen)
-                    panel["noisy"][sigma] = panel["image"] + sigma * noise
-                figure = panel
-            index += x.shape[0]
+        """Certify every case of ``loader`` (dict batches); returns rows, clean rows, labels, figure data.
+
+        Under ``torchrun`` (an initialised process group) each rank certifies its block of batches
+        (:func:`common.distributed.shard_batches`) and every rank returns the results of all cases in
+        loader order. The noise generator is reset to ``seed`` per batch, so the numbers equal a single
+        process's.
+        """
+        local = []
+        bar = tqdm(
+            shard_batches(loader), desc=self.title, total=num_local_batches(loader), unit="batch", leave=True,
+            disable=not (self.progress and is_main_process()),
+        )
+        for k, offset, batch in bar:
+            local.append((k, self._certify_batch(batch, offset, keep_panel=k == 0)))
+        ordered = sorted((r for part in gather_objects(local) for r in part), key=lambda r: r[0])
+        results = [r for _, r in ordered]
+        rows = [row for r in results for row in r["rows"]]
         if not rows:
             raise ValueError("loader: yielded no test cases")
+        clean_rows = [row for r in results for row in r["clean_rows"]]
+        labels = {key: value for r in results for key, value in r["labels"].items()}
+        figure = results[0]["panel"]
+        gen = torch.Generator().manual_seed(self.seed)
+        for sigma in self.params["sigmas"]:
+            noise = torch.randn(figure["image"].shape, generator=gen)
+            figure["noisy"][sigma] = figure["image"] + sigma * noise
         return {"rows": rows, "clean_rows": clean_rows, "labels": labels, "figure": figure}
 
     def run(self, loader: Iterable) -> dict[str, Any]:
-        """Certify ``loader`` and write every output; returns the summary dict (also ``summary.json``)."""
+        """Certify ``loader`` and write every output; returns the summary dict (also ``summary.json``).
+
+        Under ``torchrun`` rank 0 alone writes; every rank returns once the files are written.
+        """
         result = self.certify_loader(loader)
+        summary = summarise_certification(result["rows"] + result["clean_rows"], self.class_names[1:])
+        summary.update({"params": self.params, "title": self.title, "class_names": self.class_names,
+                        "num_cases": len({r["case"] for r in result["rows"]}), "abstain_label": ABSTAIN})
+        if is_main_process():
+            self._write(result, summary)
+        barrier()
+        return summary
+
+    def _write(self, result: Mapping[str, Any], summary: Mapping[str, Any]) -> None:
+        """Write the files listed in the module docstring to ``output_dir``."""
         out = self.output_dir
         write_csv(out / "per_case.csv", result["rows"])
         if result["clean_rows"]:
             write_csv(out / "clean_per_case.csv", result["clean_rows"])
-        summary = summarise_certification(result["rows"] + result["clean_rows"], self.class_names[1:])
-        summary.update({"params": self.params, "title": self.title, "class_names": self.class_names,
-                        "num_cases": len({r["case"] for r in result["rows"]}), "abstain_label": ABSTAIN})
         atomic_write_json(out / "summary.json", summary)
         write_csv(out / "summary.csv", summary["entries"])
         paper, strict = certification_tables(summary["entries"], self.class_names[1:])
@@ -257,7 +295,6 @@ class CertificationRun:
         write_bytes(out / "summary.md", text.encode())
         atomic_torch_save(result["labels"], out / "certified_labels.pt")
         write_bytes(out / "figure.png", render_certified_figure(result["figure"], self.num_classes))
-        return summary
 
 
 def summarise_certification(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import torch
 from scipy.stats import wilcoxon
 from tqdm.auto import tqdm
 
+from common.distributed import barrier, gather_objects, is_main_process, num_local_batches, shard_batches
 from common.io import atomic_write_text
 from common.metrics import perturbation_scores, segmentation_scores
 from common.report import CLEAN, csv_text, format_mean_sd, markdown_table, render_metric_vs_eps, write_bytes
@@ -337,6 +338,44 @@ def _rows(
     ]
 
 
+def _evaluate_batch(
+    forward: Callable,
+    batch: Mapping[str, Any],
+    offset: int,
+    attacks: Sequence[tuple[str, float, Callable]],
+    num_classes: int,
+    seg_kwargs: Mapping[str, Any],
+    data_range: float,
+    eps_scale: float,
+) -> dict[tuple[str, float], list[dict[str, Any]]]:
+    """Rows of one batch, per (attack, ε) block (clean first); ``offset``: cases before this batch."""
+    if not isinstance(batch, Mapping) or "image" not in batch or "label" not in batch:
+        raise ValueError("data: each item must be a dict with 'image' and 'label'")
+    x, y = batch["image"], batch["label"]
+    check_image(x, "image")
+    check_label_map(y, x, "label", num_classes)
+    ids = _case_ids(batch, x.shape[0], offset)
+    x, y = _plain(x), _plain(y).long()
+    clean_pred = predict_labels(forward, x, num_classes)
+    ones = torch.ones(x.shape[0], dtype=torch.float64)
+    clean_pert = {"psnr": ones * math.inf, "ssim": ones, "rmse": ones * 0.0}
+    clean_scores = {**segmentation_scores(clean_pred, y, num_classes, **seg_kwargs), **clean_pert}
+    blocks = {(CLEAN, 0.0): _rows(ids, CLEAN, 0.0, eps_scale, clean_scores)}
+    for name, eps, attack in attacks:
+        x_adv = _plain(attack(x, y))
+        if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
+            got = tuple(x_adv.shape) if isinstance(x_adv, torch.Tensor) else type(x_adv).__name__
+            raise ValueError(f"attacks: {name!r} at eps={eps} returned {got}, expected {tuple(x.shape)}")
+        check_image(x_adv, f"attacks: {name!r} at eps={eps} output")
+        pred = predict_labels(forward, x_adv, num_classes)
+        scores = {
+            **segmentation_scores(pred, y, num_classes, **seg_kwargs),
+            **perturbation_scores(x_adv.detach(), x, data_range),
+        }
+        blocks[(name, eps)] = _rows(ids, name, eps, eps_scale, scores)
+    return blocks
+
+
 def evaluate_cases(
     forward: Callable,
     data: Iterable[Mapping[str, Any]],
@@ -358,47 +397,35 @@ def evaluate_cases(
         attacks: ``(name, eps, attack)`` triples, each attack built once and called ``attack(x, y) -> x_adv``
             with the true labels; ε > 0 (the clean row stands for ε = 0).
         eps_scale: ``eps_display = eps / eps_scale`` (the paper's units).
+        progress: a tqdm bar over batches (stderr, rank 0 only).
 
     Returns:
         one dict per case and setting: ``case_id, attack, eps, eps_display``, the
         :func:`~common.metrics.segmentation_scores` and ``psnr, ssim, rmse``. Clean rows have PSNR = inf,
         SSIM = 1, RMSE = 0 (the exact values for an unchanged input, not recomputed).
+
+    Under ``torchrun`` (an initialised process group) each rank evaluates its block of batches
+    (:func:`common.distributed.shard_batches`) and every rank returns all rows, in the same order and with
+    the same values as one process (attacks whose random start draws from a shared generator excepted:
+    their draws depend on which batches a process sees).
     """
-    seg_kwargs = dict(
-        num_classes=num_classes, include_background=include_background, regions=regions,
-        class_names=class_names,
+    seg_kwargs = dict(include_background=include_background, regions=regions, class_names=class_names)
+    local = []
+    bar = tqdm(
+        shard_batches(data), desc=desc, total=num_local_batches(data), unit="batch", leave=True,
+        disable=not (progress and is_main_process()),
     )
+    for k, offset, batch in bar:
+        local.append((k, _evaluate_batch(forward, batch, offset, attacks, num_classes, seg_kwargs, data_range,
+                                         eps_scale)))
+    results = sorted((r for part in gather_objects(local) for r in part), key=lambda r: r[0])
     blocks: dict[tuple[str, float], list[dict[str, Any]]] = {(CLEAN, 0.0): []}
     for name, eps, _ in attacks:
         blocks[(name, eps)] = []
-    n_cases = 0
-    for batch in tqdm(data, desc=desc, disable=not progress, leave=False):
-        if not isinstance(batch, Mapping) or "image" not in batch or "label" not in batch:
-            raise ValueError("data: each item must be a dict with 'image' and 'label'")
-        x, y = batch["image"], batch["label"]
-        check_image(x, "image")
-        check_label_map(y, x, "label", num_classes)
-        ids = _case_ids(batch, x.shape[0], n_cases)
-        x, y = _plain(x), _plain(y).long()
-        clean_pred = predict_labels(forward, x, num_classes)
-        ones = torch.ones(x.shape[0], dtype=torch.float64)
-        clean_pert = {"psnr": ones * math.inf, "ssim": ones, "rmse": ones * 0.0}
-        clean_scores = {**segmentation_scores(clean_pred, y, **seg_kwargs), **clean_pert}
-        blocks[(CLEAN, 0.0)] += _rows(ids, CLEAN, 0.0, eps_scale, clean_scores)
-        for name, eps, attack in attacks:
-            x_adv = _plain(attack(x, y))
-            if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
-                got = tuple(x_adv.shape) if isinstance(x_adv, torch.Tensor) else type(x_adv).__name__
-                raise ValueError(f"attacks: {name!r} at eps={eps} returned {got}, expected {tuple(x.shape)}")
-            check_image(x_adv, f"attacks: {name!r} at eps={eps} output")
-            pred = predict_labels(forward, x_adv, num_classes)
-            scores = {
-                **segmentation_scores(pred, y, **seg_kwargs),
-                **perturbation_scores(x_adv.detach(), x, data_range),
-            }
-            blocks[(name, eps)] += _rows(ids, name, eps, eps_scale, scores)
-        n_cases += x.shape[0]
-    if n_cases == 0:
+    for _, batch_blocks in results:
+        for key, rows in batch_blocks.items():
+            blocks[key] += rows
+    if not blocks[(CLEAN, 0.0)]:
         raise ValueError("data: no cases")
     return [row for block in blocks.values() for row in block]
 
@@ -421,7 +448,7 @@ class RobustnessSweep:
         eps_unit: name of the display unit, used in the table header and the plot's x label.
         metric_for_plot: metric drawn against ε.
         title: title of the table and the plot.
-        progress: tqdm progress bar over batches.
+        progress: tqdm progress bar over batches (stderr; rank 0 only under ``torchrun``).
         alpha, correction: significance level and correction ("bonferroni" as in ``001_aae94ad858b81a9b``,
             or "holm") marked with an asterisk in the table; both adjustments are in ``summary.json``.
     """
@@ -489,7 +516,11 @@ class RobustnessSweep:
                 raise ValueError(f"attacks: {name!r}({eps}) did not return a callable attack")
 
     def run(self, data: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-        """Evaluate every batch of ``data``, write the four reports, return the summary dict."""
+        """Evaluate every batch of ``data``, write the four reports, return the summary dict.
+
+        Under ``torchrun`` every rank evaluates its shard (:func:`evaluate_cases`), every rank returns the
+        summary of all cases, and rank 0 alone writes the reports; every rank returns once they are written.
+        """
         rows = evaluate_cases(
             self.forward, data, self.attacks, self.num_classes, data_range=self.data_range,
             eps_scale=self.eps_scale, progress=self.progress, desc=self.title or "robustness sweep",
@@ -500,8 +531,10 @@ class RobustnessSweep:
             eps_unit=self.eps_unit, eps_scale=self.eps_scale, alpha=self.alpha, correction=self.correction,
             attacks=list(dict.fromkeys(a for a, _, _ in self.attacks)), eps_values=self.eps_values,
         )
-        write_reports(
-            self.output_dir, rows, summary, self.metric_for_plot, self.eps_unit, self.correction, self.alpha,
-            self.title,
-        )
+        if is_main_process():
+            write_reports(
+                self.output_dir, rows, summary, self.metric_for_plot, self.eps_unit, self.correction,
+                self.alpha, self.title,
+            )
+        barrier()
         return summary
