@@ -1,13 +1,20 @@
-"""Model-zoo conformance of every bundle: metadata fields, a standalone inference config, and
-``verify_net_in_out`` through MONAI's own bundle command. A bundle added without them fails here."""
+"""Model-zoo conformance of every bundle: metadata fields (meta_schema_20240725 plus the robustness results),
+the zoo's files (LICENSE, docs/README.md with the template's sections, docs/data_license.txt,
+large_files.yml), a standalone inference config, ``verify_net_in_out`` through MONAI's own bundle command, and
+``ckpt_export`` to TorchScript with the metadata and inference config embedded. A bundle added without them
+fails here."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from importlib.metadata import version
 
 import pytest
+import torch
+from monai.bundle import ConfigParser, ckpt_export
 
 from bundle_run import BUNDLES, REPO
 
@@ -16,7 +23,19 @@ REQUIRED_METADATA = (
     "version", "changelog", "monai_version", "pytorch_version", "numpy_version", "required_packages_version",
     "task", "description", "authors", "copyright", "references", "network_data_format",
 )
+TENSOR_FIELDS = ("type", "format", "num_channels", "spatial_shape", "dtype", "value_range", "is_patch_data", "channel_def")
 INFERENCE_KEYS = ("bundle_root", "device", "network_def", "preprocessing", "postprocessing", "inferer")
+README_SECTIONS = ("Model Overview", "Data", "Training configuration", "Performance", "MONAI Bundle Commands",
+                   "References", "License")
+# ckpt_export per bundle: (use_trace, input_shape). Trace only where torch.jit.script fails (the README says why);
+# the shapes are small ones the network accepts, for speed.
+TORCHSCRIPT = {
+    "certified_seg": (False, [1, 1, 64, 64]),
+    "nlcen_lung": (True, [1, 1, 64, 64]),
+    "resdsn_c2f_pancreas": (True, [1, 1, 32, 32, 32]),
+    "unet3d_brats_distill": (True, [1, 4, 32, 32, 32]),
+    "unet_advaug": (False, [1, 1, 32, 32]),
+}
 
 
 def test_every_paper_bundle_exists():
@@ -30,11 +49,55 @@ def test_metadata_follows_the_model_zoo_schema(name):
     assert not missing, f"{name}: metadata.json lacks {missing}"
     assert meta["version"] in meta["changelog"]
     assert meta["monai_version"] == "1.6.1" and meta["pytorch_version"].startswith("2.13")
+    pinned = {**meta["required_packages_version"], "numpy": meta["numpy_version"], "monai": meta["monai_version"],
+              "torch": meta["pytorch_version"]}
+    drift = {k: (v, version(k).split("+")[0]) for k, v in pinned.items() if version(k).split("+")[0] != v}
+    assert not drift, f"{name}: metadata versions differ from the installed ones (metadata, installed): {drift}"
     for section in ("inputs", "outputs"):
         for spec in meta["network_data_format"][section].values():
-            assert {"spatial_shape", "value_range", "channel_def", "num_channels"} <= set(spec), (name, section)
+            assert set(TENSOR_FIELDS) <= set(spec), (name, section, sorted(set(TENSOR_FIELDS) - set(spec)))
             assert len(spec["channel_def"]) == spec["num_channels"], (name, section)
     assert (BUNDLES / name / "LICENSE").is_file() and (BUNDLES / name / "docs" / "README.md").is_file()
+    results = meta.get("robustness_results")
+    assert isinstance(results, dict) and {"command", "data", "results"} <= set(results) and results["results"], name
+
+
+def large_files_entries(text: str) -> list[dict]:
+    """The entries of a model-zoo ``large_files.yml`` (flat ``key: "value"`` lines, ``- path:`` starts one)."""
+    entries = []
+    for line in text.splitlines():
+        match = re.fullmatch(r"\s*(-\s*)?(\w+):\s*\"?([^\"]*)\"?\s*", line)
+        if not match or line.lstrip().startswith("#") or match.group(2) == "large_files":
+            continue
+        if match.group(1):
+            entries.append({})
+        entries[-1][match.group(2)] = match.group(3)
+    return entries
+
+
+def test_large_files_parser_on_a_hand_written_file():
+    text = ('# c\nlarge_files:\n  - path: "models/a.pt"\n    url: "u"\n    hash_val: ""\n    hash_type: "sha256"\n'
+            '  - path: "m/b.pt"\n')
+    assert large_files_entries(text) == [{"path": "models/a.pt", "url": "u", "hash_val": "", "hash_type": "sha256"},
+                                         {"path": "m/b.pt"}]
+
+
+@pytest.mark.parametrize("name", ALL_BUNDLES)
+def test_zoo_files_data_license_large_files_and_readme_sections(name):
+    bundle = BUNDLES / name
+    licence = bundle / "docs" / "data_license.txt"
+    assert licence.is_file() and len(licence.read_text().split()) > 20, f"{name}: docs/data_license.txt missing or empty"
+    entries = large_files_entries((bundle / "large_files.yml").read_text())
+    assert entries, f"{name}: large_files.yml lists no files"
+    for entry in entries:
+        assert set(entry) == {"path", "url", "hash_val", "hash_type"}, (name, entry)
+        assert re.fullmatch(r"models/[\w/]*model\.pt", entry["path"]) and entry["url"], (name, entry)
+        assert entry["hash_type"] == "sha256"
+        # no weights are committed, so no hash: export_bundle.py writes the real one into the zip it builds
+        assert entry["hash_val"] == "", f"{name}: large_files.yml carries a hash of weights that are not in the repository"
+    headings = [h.strip() for h in re.findall(r"^#+\s*(.+)$", (bundle / "docs" / "README.md").read_text(), flags=re.M)]
+    missing = [s for s in README_SECTIONS if not any(h.lower().startswith(s.lower()) for h in headings)]
+    assert not missing, f"{name}: docs/README.md lacks the model-zoo sections {missing}"
 
 
 @pytest.mark.parametrize("name", ALL_BUNDLES)
@@ -54,3 +117,41 @@ def test_verify_net_in_out(name):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data shape of network is verified with no error" in proc.stdout + proc.stderr
+
+
+def test_every_bundle_has_a_torchscript_entry():
+    assert set(TORCHSCRIPT) == set(ALL_BUNDLES), "add the new bundle to TORCHSCRIPT (scripted, or traced and why)"
+
+
+@pytest.mark.parametrize("name", ALL_BUNDLES)
+def test_ckpt_export_embeds_metadata_and_matches_the_eager_network(name, tmp_path):
+    """``monai.bundle.ckpt_export`` (the function behind ``python -m monai.bundle ckpt_export``) on seeded
+    weights saved as ``{"model": state_dict}``; the TorchScript file carries metadata.json and inference.json
+    and gives the eager network's output on a fresh random input."""
+    use_trace, shape = TORCHSCRIPT[name]
+    bundle = BUNDLES / name
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["bundle_root"] = str(bundle)
+    torch.manual_seed(0)
+    net = parser.get_parsed_content("network_def")
+    if use_trace:  # keep the trace only while scripting really fails
+        with pytest.raises(Exception):
+            torch.jit.script(net)
+    (tmp_path / "models").mkdir()
+    ckpt = tmp_path / "models" / "model.pt"
+    torch.save({"model": {k: v.detach().cpu() for k, v in net.state_dict().items()}}, ckpt)
+    ts_path = tmp_path / "models" / "model.ts"
+    ckpt_export(net_id="network_def", filepath=str(ts_path), ckpt_file=str(ckpt), key_in_ckpt="model",
+                meta_file=str(bundle / "configs" / "metadata.json"), config_file=str(bundle / "configs" / "inference.json"),
+                bundle_root=str(bundle), use_trace=use_trace, input_shape=shape)
+    extra = {"metadata.json": "", "inference.json": ""}
+    scripted = torch.jit.load(str(ts_path), map_location="cpu", _extra_files=extra)
+    meta = json.loads(extra["metadata.json"])
+    assert meta["version"] == json.loads((bundle / "configs" / "metadata.json").read_text())["version"]
+    assert "network_def" in json.loads(extra["inference.json"])
+    torch.manual_seed(1)
+    x = torch.rand(shape)
+    with torch.no_grad():
+        expected, got = net.eval()(x), scripted(x)
+    assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5)
