@@ -79,7 +79,8 @@ def test_distillation_student_learns_teacher_soft_labels(demo, monkeypatch):
     monkeypatch.chdir(BUNDLE)
     parser = ConfigParser()
     parser.read_config([str(BUNDLE / "configs" / c) for c in ("train.json", "distill.json", "demo.json")])
-    parser.update({"bundle_root": str(BUNDLE), **overrides, "temperature": 20.0})
+    parser.update({"bundle_root": str(BUNDLE), **overrides, "temperature": 20.0,
+                   "train#trainer#decollate": False})  # the test reads the raw batch output
     parser.parse()
     torch.manual_seed(0)
     trainer = parser.get_parsed_content("train#trainer")
@@ -117,17 +118,17 @@ def test_distill_adv_noise_configs_train_end_to_end(demo):
     teacher = torch.load(models / "distill_T20" / "teacher" / "model.pt", map_location="cpu", weights_only=True)
     assert float(teacher["temperature"]) == 20.0
     for run in ("distill_T20", "adv_train_eps0.05", "noise_aug"):
-        state = torch.load(models / run / "model.pt", map_location="cpu", weights_only=True)
+        state = torch.load(models / run / "model.pt", map_location="cpu", weights_only=True)["model"]
         assert state["encoder.0.entry.conv.weight"].shape == (4, 4, 3, 3, 3)
         assert _adam_steps(_checkpoint(models / run, 1)) == {2}
-    student = torch.load(models / "distill_T20" / "model.pt", map_location="cpu", weights_only=True)
+    student = torch.load(models / "distill_T20" / "model.pt", map_location="cpu", weights_only=True)["model"]
     assert any(not torch.equal(student[k], teacher["model"][k]) for k in student)
 
 
 def test_train_2d_and_slicewise_inference(demo):
     root, overrides, _ = demo
     run_bundle(NAME, ["train.json", "train_2d.json", "demo.json"], overrides)
-    state = torch.load(root / "models" / "unet2d" / "model.pt", map_location="cpu", weights_only=True)
+    state = torch.load(root / "models" / "unet2d" / "model.pt", map_location="cpu", weights_only=True)["model"]
     assert state["encoder.0.entry.conv.weight"].shape == (4, 4, 3, 3)  # 2D kernels
     ckpt = _checkpoint(root / "models" / "unet2d", 1)
     # batch 64 of axial slices: 2 training volumes x 16 slices = 32 slices -> one iteration
