@@ -25,8 +25,8 @@ from common.data.datalist import write_datalist
 CASES = {
     # chest labels 1..4 (SCR organs) mapped to lung / not lung; 7 is no organ
     "nlcen_lung": (7, 1, (8, 8), "validate#dataset", {"image_size": [8, 8]}),
-    # BraTS {0, 1, 2, 4} mapped to 0..3; 5 is no BraTS label
-    "unet3d_brats_distill": (5, 4, (6, 6, 6), "evaluate#dataset", {"image_size": [6, 6, 6]}),
+    # BraTS {0, 1, 2, 4}, checked before the mapping to 0..3; 3 is no BraTS label
+    "unet3d_brats_distill": (3, 4, (6, 6, 6), "evaluate#dataset", {"image_size": [6, 6, 6]}),
     # pancreas files hold 0..2 (MSD Task07: 2 = tumour); 3 would silently become pancreas under the threshold
     "resdsn_c2f_pancreas": (3, 1, (6, 6, 6), "evaluate#dataset", {}),
     # lesion slices are 0/1; 255 is a mask exported as 0/255
