@@ -191,7 +191,7 @@ class BundleSegmentationApp(Application):
         loader = NiftiImageLoaderOperator(
             self, CountCondition(self, 1), input_path=self.input_file, name="nifti_loader"
         )  # a source operator runs once per CountCondition tick
-        inference = MonaiBundleInferenceOperator(
+        inference = ChannelFirstBundleInferenceOperator(
             self,
             input_mapping=[IOMapping(INPUT_NAME, Image, IOType.IN_MEMORY)],
             output_mapping=[IOMapping(OUTPUT_NAME, Image, IOType.IN_MEMORY)],
@@ -203,6 +203,22 @@ class BundleSegmentationApp(Application):
         self.writer = NiftiSegWriterOperator(self, output_file=self.output_file, name="nifti_writer")
         self.add_flow(loader, inference, {(INPUT_NAME, INPUT_NAME)})
         self.add_flow(inference, self.writer, {(OUTPUT_NAME, OUTPUT_NAME)})
+
+
+class ChannelFirstBundleInferenceOperator(MonaiBundleInferenceOperator):
+    """The SDK's bundle operator, accepting a label map whose channel the bundle already squeezed.
+
+    The SDK's ``_send_output`` always squeezes axis 0 of an ``Image`` output (it assumes a (1, *spatial)
+    prediction). Our 2D bundles end their postprocessing with ``SqueezeDimd`` so that MONAI Label (whose
+    ``Restored`` squeezes only 4-D arrays) writes an (H, W) label; for such an output, with one axis fewer
+    than the channel-first input, this puts the channel back before the SDK's conversion.
+    """
+
+    def _send_output(self, value: Any, name: str, metadata: dict, op_output, context):
+        spatial = metadata.get("spatial_shape") if isinstance(metadata, dict) else None
+        if spatial is not None and getattr(value, "ndim", None) == len(np.asarray(spatial).ravel()):
+            value = value[None]
+        return super()._send_output(value, name, metadata, op_output, context)
 
 
 def _check_bundle(bundle: Path, config_names: Sequence[str]) -> None:

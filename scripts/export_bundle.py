@@ -264,6 +264,21 @@ def _add(archive: zipfile.ZipFile, name: str, data: bytes) -> None:
     archive.writestr(info, data)
 
 
+def _serve_packaged_weights(inference: bytes, sources: dict[str, Path]) -> bytes:
+    """The exported ``inference.json`` pointed at the one packaged ``models/model.pt``.
+
+    In the repository a bundle keeps one folder per variant (``models/<variant>/model.pt``); a released
+    bundle serves one model from ``models/model.pt``, the only place MONAI Label and Deploy's directory
+    mode look. Bundles packaging several files (``resdsn_c2f_pancreas``: coarse and fine) already read
+    them where they are packaged, and are left alone.
+    """
+    config = json.loads(inference)
+    if set(sources) != {"models/model.pt"} or "ckpt_dir" not in config:
+        return inference
+    config["ckpt_dir"] = "$@bundle_root + '/models'"
+    return (json.dumps(config, indent=4, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 def export_bundle(name: str, output_dir: str | Path, include_weights: bool = False,
                   weights: str | Path | dict[str, str] | None = None,
                   bundles_dir: Path = BUNDLES, root: Path = REPO) -> Path:
@@ -307,6 +322,7 @@ def export_bundle(name: str, output_dir: str | Path, include_weights: bool = Fal
             files[entry] = _normalised_weights(source)
         digests = {entry: hashlib.sha256(files[entry]).hexdigest() for entry in sources}
         files["large_files.yml"] = _large_files_yml(template, digests).encode("utf-8")
+        files["configs/inference.json"] = _serve_packaged_weights(files["configs/inference.json"], sources)
     info = {"bundle": name, "source_repository": "robust-seg-monai", **_source_commit(root),
             "vendored_modules": modules, "weights_included": bool(include_weights)}
     files["docs/export_info.json"] = (json.dumps(info, indent=2) + "\n").encode("utf-8")

@@ -105,6 +105,10 @@ def test_weights_are_packaged_as_model_state_dict_with_their_real_sha256(tmp_pat
         data = archive.read("unet_advaug/models/model.pt")
         large_files = archive.read("unet_advaug/large_files.yml").decode()
         info = json.loads(archive.read("unet_advaug/docs/export_info.json"))
+        inference = json.loads(archive.read("unet_advaug/configs/inference.json"))
+    # the released bundle serves the packaged weights (where MONAI Label and Deploy look)
+    assert inference["ckpt_dir"] == "$@bundle_root + '/models'"
+    assert "'/model.pt'" in inference["checkpoint"]
     packaged = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     assert set(packaged) == {"model"}
     for key, value in net.state_dict().items():

@@ -124,11 +124,10 @@ def test_bundle_infer_task_matches_bundle_run(name, monai_label_runs):
     assert facts["dimension"] == len(inputs["spatial_shape"]) == ndim
     assert facts["labels"] == {v.lower(): int(k) for k, v in outputs["channel_def"].items() if v.lower() != "background"}
 
-    # the label file: the input's spatial shape (a 2D prediction keeps its channel axis: MONAI Label's
-    # Restored squeezes only 4-D arrays), whole label values among the declared classes
+    # the label file: the input's spatial shape (2D bundles squeeze the channel in their postprocessing:
+    # MONAI Label's Restored squeezes only 4-D arrays), whole label values among the declared classes
     label = np.asarray(nib.load(out).dataobj)
-    assert label.shape == ((1, *spatial) if ndim == 2 else spatial)
-    label = label.reshape(spatial)
+    assert label.shape == spatial
     assert np.array_equal(label, np.round(label))
     values = set(np.unique(label).astype(int).tolist())
     assert values <= _declared_labels(parser, metadata)
