@@ -19,10 +19,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy.stats import norm, wilcoxon
 from statsmodels.stats.multitest import multipletests
 
 from common.attacks import IFGSM, inverted_target
+from common.card import browser_check
 from common.card.bundle_reader import input_range_of, read_bundle
 from common.card.cases import load_case, read_datalist
 from common.card.parts import ALPHA_FACTOR, cert_part, part_generator
@@ -248,6 +250,22 @@ def test_zoo_card_files_cost_and_examples(zoo):
     assert ex["pred_certified"].min() >= -1 and ex["image"].shape == (SIZE, SIZE)
     assert card["settings"]["attacks"]["targeted-IFGSM-ce"]["targeted"] is True
     assert inverted_target(torch.tensor([[[0, 1]]]), 1).tolist() == [[[1, 0]]]  # the documented target
+
+
+def test_zoo_card_opens_in_chromium_with_a_screenshot(zoo):
+    """The card the runner produced (not a hand-made one) opens headless without console or page errors;
+    the screenshot is attached to the card's output directory."""
+    try:
+        browser_check.find_chromium()
+    except FileNotFoundError as err:
+        pytest.fail(f"{err}; CI must run `{browser_check.APT_COMMAND}`")
+    shot = zoo["out"].parent / "card_screenshot.png"
+    messages, shot = browser_check.check_page(zoo["out"] / "card.html", shot)
+    print(f"\nrobustness card screenshot: {shot}")
+    assert messages == []
+    with Image.open(shot) as image:
+        rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
+    assert rgb.shape[1] == 1200 and rgb.shape[0] > 1500 and rgb.std() > 10
 
 
 # ------------------------------------------------------------------------------------------------ resume
