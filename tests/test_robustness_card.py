@@ -26,7 +26,7 @@ from statsmodels.stats.multitest import multipletests
 from common.attacks import IFGSM, inverted_target
 from common.card import browser_check
 from common.card.bundle_reader import input_range_of, read_bundle
-from common.card.cases import load_case, read_datalist
+from common.card.cases import CaseRef, load_case, read_datalist
 from common.card.parts import ALPHA_FACTOR, cert_part, part_generator
 from common.card.runner import run_card
 from common.certify import certify
@@ -268,6 +268,27 @@ def test_zoo_card_opens_in_chromium_with_a_screenshot(zoo):
     assert rgb.shape[1] == 1200 and rgb.shape[0] > 1500 and rgb.std() > 10
 
 
+def test_label_values_map_label_files_to_channels(zoo, tmp_path):
+    """Label files holding {0, 7} for the 2 channels: with ``label_values=[0, 7]`` the card loads exactly the
+    0/1 label; a value that is none of them fails naming the file; a wrong count names the metadata."""
+    case = read_datalist(zoo["datalist"])[0][0]
+    moved = tmp_path / "label7.nii.gz"
+    img = nib.load(case.label)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj).astype(np.uint8) * 7, img.affine), moved)
+    bundle = read_bundle(zoo["root"], label_values=[0, 7])
+    _, y_plain = load_case(read_bundle(zoo["root"]), case)
+    _, y_mapped = load_case(bundle, CaseRef(case.case_id, case.image, moved, case.datalist))
+    assert torch.equal(y_mapped, y_plain) and int(y_plain.max()) == 1
+    with pytest.raises(ValueError, match=r"label1\.nii\.gz.*\[1\.0\] outside the label values \[0, 7\]"):
+        wrong = tmp_path / "label1.nii.gz"
+        shutil.copy(case.label, wrong)
+        load_case(bundle, CaseRef(case.case_id, case.image, wrong, case.datalist))
+    with pytest.raises(ValueError, match=r"label_values: 3 values for the 2 output channels declared in .*metadata"):
+        read_bundle(zoo["root"], label_values=[0, 1, 2])
+    with pytest.raises(ValueError, match="label_values: expected distinct"):
+        read_bundle(zoo["root"], label_values=[0, 0])
+
+
 # ------------------------------------------------------------------------------------------------ resume
 def test_resume_reuses_cached_cases(zoo, tmp_path):
     out = zoo["out"]
@@ -295,7 +316,7 @@ PROJECT = {
     "nlcen_lung": ("chest", (64, 64), {2: 1, 3: 0, 4: 0}, False,
                    {"image_size": [64, 64], "network_def#fpn_channels": 32, "network_def#num_codes": 8,
                     "network_def#widen_factor": 0.25}, ["models/model.pt"]),
-    "unet3d_brats_distill": ("brain", (24, 24, 24), {4: 3}, False,
+    "unet3d_brats_distill": ("brain", (24, 24, 24), None, False,
                              {"image_size": [24, 24, 24], "network_def#base_filters": 4, "network_def#depth": 3,
                               "network_def#seg_levels": 2}, ["models/unet3d/model.pt"]),
     "resdsn_c2f_pancreas": ("abdomen", (24, 24, 24), None, False,
@@ -349,9 +370,12 @@ def test_project_bundle_cards(name, tmp_path):
             _rewrite(datalist.parent / entry["image"], lambda a: (a * 340.0 - 100.0).astype(np.float32))
     _seeded_weights(root, overrides, files)
     out = tmp_path / "card"
-    run_card(root, datalist, output_dir=out, overrides=overrides, **TINY)
+    # raw BraTS label files hold {0, 1, 2, 4}: the card maps them to the 4 output channels
+    label_values = [0, 1, 2, 4] if name == "unet3d_brats_distill" else None
+    run_card(root, datalist, output_dir=out, overrides=overrides, label_values=label_values, **TINY)
     card = json.loads((out / "card.json").read_text())
     validate_card(card)
+    assert card["settings"]["label_values"] == label_values
     with np.load(out / "examples.npz") as npz:
         validate_examples({k: npz[k] for k in npz.files})
     assert (out / "card.html").is_file() and (out / "card.md").is_file()

@@ -103,6 +103,7 @@ class Bundle:
     device: torch.device
     overrides: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    label_values: tuple[int, ...] | None = None
 
     @property
     def foreground_names(self) -> list[str]:
@@ -466,15 +467,33 @@ def check_forward(bundle: Bundle, x: torch.Tensor, case: str) -> None:
 
 
 # -------------------------------------------------------------------------------------- read_bundle
+def _label_values(values: Sequence[int] | None, num_classes: int, meta_path: Path) -> tuple[int, ...] | None:
+    """``label_values`` checked: one distinct integer >= 0 per output channel of ``metadata.json``."""
+    if values is None:
+        return None
+    if (isinstance(values, (str, bytes)) or not isinstance(values, Sequence)
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values)
+            or len(set(values)) != len(values)):
+        raise ValueError(f"label_values: expected distinct integers >= 0, one per output channel, got {values!r}")
+    if len(values) != num_classes:
+        raise ValueError(
+            f"label_values: {len(values)} values for the {num_classes} output channels declared in {meta_path}"
+        )
+    return tuple(values)
+
+
 def read_bundle(
     bundle_root: str | os.PathLike,
     config: str | os.PathLike = "inference.json",
     ckpt: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     overrides: Mapping[str, Any] | None = None,
+    label_values: Sequence[int] | None = None,
 ) -> Bundle:
     """Parse a bundle (see the module docstring). ``overrides`` set config ids before parsing, as
-    ``monai.bundle run --key value`` does (e.g. ``{"image_size": [64, 64]}``).
+    ``monai.bundle run --key value`` does (e.g. ``{"image_size": [64, 64]}``). ``label_values[k]`` is the
+    value that stands for output channel ``k`` in the label files (e.g. ``[0, 1, 2, 4]`` for raw BraTS
+    labels); by default a label value is its channel index.
 
     Raises ``FileNotFoundError`` / ``ValueError`` naming the file and the key for a missing config or
     metadata, a missing ``network_def``/``inferer``/``preprocessing``, or a checkpoint that does not fit.
@@ -486,6 +505,7 @@ def read_bundle(
     meta_path = root / "configs" / "metadata.json"
     meta = _metadata(root)
     num_classes, class_names = _classes(meta, meta_path)
+    label_values = _label_values(label_values, num_classes, meta_path)
     overrides = dict(overrides or {})
     parser = _parser(config_path, meta_path, root, overrides)
     device = torch.device(device)
@@ -529,6 +549,7 @@ def read_bundle(
     if overrides:
         notes.append("Config overrides: " + json.dumps(overrides, default=str) + ".")
     return Bundle(
+        label_values=label_values,
         root=root.resolve(),
         name=root.resolve().name,
         version=meta.get("version"),

@@ -124,11 +124,17 @@ def load_case(bundle: Bundle, case: CaseRef) -> tuple[torch.Tensor, torch.Tensor
         )
     values = torch.unique(y)
     k = bundle.num_classes
-    bad = [float(v) for v in values if not torch.isfinite(v) or v != torch.round(v) or v < 0 or v >= k]
+    declared = bundle.label_values or tuple(range(k))
+    bad = [float(v) for v in values if not torch.isfinite(v) or v != torch.round(v) or int(v) not in declared]
     if bad:
         meta = bundle.root / "configs" / "metadata.json"
         raise ValueError(
             f"datalist {case.datalist}: 'label' file {case.label} holds values {bad[:8]} outside the "
-            f"channels 0..{k - 1} declared in {meta} (channel_def)"
+            f"label values {list(declared)} of the {k} channels declared in {meta} (channel_def)"
         )
-    return x[None].to(bundle.device), y.long()[None].to(bundle.device)
+    y = y.long()
+    if bundle.label_values is not None:  # label value -> channel index
+        lookup = torch.zeros(max(declared) + 1, dtype=torch.long)
+        lookup[list(declared)] = torch.arange(k)
+        y = lookup[y]
+    return x[None].to(bundle.device), y[None].to(bundle.device)

@@ -212,7 +212,8 @@ def _prepare(args: dict[str, Any], progress: bool) -> _Run:
     seed = args["seed"]
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
-    bundle = read_bundle(args["bundle_root"], args["config"], args["ckpt"], args["device"], args["overrides"])
+    bundle = read_bundle(args["bundle_root"], args["config"], args["ckpt"], args["device"], args["overrides"],
+                         args["label_values"])
     cases, section = read_datalist(args["datalist"], args["max_cases"])
     *measured, spatial_dims = _validate_cases(bundle, cases, progress)
     rng = bundle.input_range
@@ -229,6 +230,7 @@ def _prepare(args: dict[str, Any], progress: bool) -> _Run:
                           "alpha": alpha, "tau": parts.tau, "correction": "holm", "batch_size": batch_size},
         "wilcoxon": {"alternative": "two-sided", "correction": "holm"},
         "clip": list(rng.clip) if rng.clip else None,
+        "label_values": list(bundle.label_values) if bundle.label_values else None,
     }
     key = _cache_key(bundle, {**settings, "eps_input": eps_input, "input_range": [low, high]})
     return _Run(bundle, cases, section, (float(low), float(high)), spatial_dims, list(eps), list(sigmas),
@@ -343,6 +345,7 @@ def run_card(
     seed: int = 0,
     device: str = "cpu",
     overrides: Mapping[str, Any] | None = None,
+    label_values: Sequence[int] | None = None,
     alpha: float = 0.001,
     tau: float = 0.75,
     batch_size: int = 8,
@@ -360,6 +363,8 @@ def run_card(
         max_cases: use at most this many cases of the datalist section.
         seed: seeds MONAI (``set_determinism``) and the certification noise.
         overrides: config ids of the bundle's config to set before parsing (``{"image_size": [64, 64]}``).
+        label_values: the label-file value of each output channel (``[0, 1, 2, 4]`` for raw BraTS labels);
+            default: a label value is its channel index.
 
     Returns:
         paths of the written files: ``json``, ``examples_npz`` and the renderer's ``md``, ``html`` and PNGs.
@@ -371,7 +376,8 @@ def run_card(
     args = {"bundle_root": bundle_root, "datalist": datalist, "config": config, "ckpt": ckpt,
             "output_dir": output_dir, "eps": eps, "sigmas": sigmas, "n0": n0, "n": n, "steps": steps,
             "max_cases": max_cases, "seed": seed, "device": str(device),
-            "overrides": dict(overrides) if overrides else None, "alpha": alpha, "tau": tau,
+            "overrides": dict(overrides) if overrides else None,
+            "label_values": list(label_values) if label_values is not None else None, "alpha": alpha, "tau": tau,
             "batch_size": batch_size}
     if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0:
         set_determinism(seed=seed)
