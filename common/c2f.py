@@ -8,6 +8,8 @@
 - :func:`remove_small_components`: the post-processing "throw away small isolated predictions whose
   portions are smaller than 0.2 of the total prediction".
 - :func:`coarse_to_fine_predict` / :class:`CoarseToFine`: the whole test-time pipeline of Fig. 2.
+- :class:`CoarseToFineLogits`: a differentiable ``x -> logits`` of the same pipeline (coarse logits outside
+  the crop box, fine logits inside), the target of white-box attacks on C2F.
 - :func:`hu_window_normalise` and :func:`hu_window_transforms`: clip to [-100, 240] HU, then per-case
   z-normalisation (Sec. 4.1.1), with the case's (mean, std) so that ε in HU becomes ε_z = ε_HU / std.
 
@@ -39,6 +41,7 @@ __all__ = [
     "remove_small_components",
     "coarse_to_fine_predict",
     "CoarseToFine",
+    "CoarseToFineLogits",
     "hu_window_normalise",
     "hu_window_transforms",
     "hu_to_z",
@@ -369,6 +372,62 @@ class CoarseToFine:
             x, self.coarse_forward, self.fine_forward, self.margin, self.min_fraction,
             self.mask_input, self.clean_coarse, return_coarse,
         )
+
+
+class CoarseToFineLogits:
+    """``forward(x) -> logits (B, K, *spatial)`` of the C2F pipeline, differentiable in ``x``: the white-box
+    target for attacks on "ResDSN C2F" (the paper attacks the coarse model only, Sec. 4.2.1).
+
+    The logits are the coarse logits outside each case's crop box and the fine logits of X_F inside it
+    (Eq. 5 applied to logits instead of labels), so their argmax is the C2F prediction before the final
+    small-component removal. The box comes from the current input's coarse labels (argmax, small
+    components removed with ``clean_coarse``) exactly as in :func:`coarse_to_fine_predict`; it is chosen
+    without gradient (box selection, argmax and component removal are piecewise constant), so the
+    gradient is that of the coarse and fine logits which decide every voxel's label. With ``mask_input``
+    the crop is X ⊗ P_C with P_C treated as a constant.
+
+    ``coarse_forward`` and ``fine_forward`` must be differentiable (e.g. :class:`SlidingWindowN`, which
+    runs MONAI's ``sliding_window_inference``; attacks then use the exact gradient, every window's graph
+    kept until the backward pass, so this is meant for volumes whose windows fit in memory at once).
+    """
+
+    def __init__(
+        self,
+        coarse_forward: Callable[[torch.Tensor], torch.Tensor],
+        fine_forward: Callable[[torch.Tensor], torch.Tensor],
+        margin: int | Sequence[int],
+        min_fraction: float = 0.2,
+        mask_input: bool = True,
+        clean_coarse: bool = True,
+    ) -> None:
+        for name, fn in (("coarse_forward", coarse_forward), ("fine_forward", fine_forward)):
+            if not callable(fn):
+                raise ValueError(f"{name}: expected a callable x -> logits, got {type(fn).__name__}")
+        self.coarse_forward, self.fine_forward = coarse_forward, fine_forward
+        self.margin = margin
+        self.min_fraction = check_probability(min_fraction, "min_fraction", open_interval=False)
+        self.mask_input, self.clean_coarse = bool(mask_input), bool(clean_coarse)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        check_image(x, "x")
+        coarse_logits = self.coarse_forward(x)
+        coarse_logits = coarse_logits[0] if isinstance(coarse_logits, (list, tuple)) else coarse_logits
+        if not isinstance(coarse_logits, torch.Tensor) or coarse_logits.shape[2:] != x.shape[2:]:
+            raise ValueError(f"coarse_forward: expected logits (B, K, *spatial) matching {tuple(x.shape)}")
+        with torch.no_grad():
+            coarse = _labels(coarse_logits.detach())
+            if self.clean_coarse and self.min_fraction > 0:
+                coarse = remove_small_components(coarse, self.min_fraction, x.ndim - 2)
+        cases = []
+        for b in range(x.shape[0]):
+            x_f, box = fine_input(x[b], coarse[b, 0], self.margin, self.mask_input)
+            if box is None:
+                cases.append(coarse_logits[b])
+                continue
+            fine_logits = self.fine_forward(x_f[None])
+            fine_logits = fine_logits[0] if isinstance(fine_logits, (list, tuple)) else fine_logits
+            cases.append(decrop(coarse_logits[b], fine_logits[0], box))
+        return torch.stack(cases)
 
 
 def hu_window_normalise(

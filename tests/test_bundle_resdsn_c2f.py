@@ -126,6 +126,76 @@ def test_timed_evaluation_and_drop_table(tmp_path):
         drop_table({"coarse": sweep(1, 1, 1)}, ["PGD"], "dice_pancreas")
 
 
+# ------------------------------------------------------------------------ training configs (no training)
+CONFIGS = Path(__file__).parents[1] / "bundles" / BUNDLE / "configs"
+
+
+def _parser(files: list[str], **overrides):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / f) for f in files])
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
+
+
+@pytest.fixture(scope="module")
+def phantom_case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resdsn_case")
+    write_phantom_dataset("abdomen", root, num_cases=3, size=[40, 40, 32], seed=3, fractions=[0.34, 0.33, 0.33])
+    entry = json.loads((root / "datalist.json").read_text())["training"][0]
+    return {k: str(root / entry[k]) for k in ("image", "label")}
+
+
+def test_paper_default_is_cross_entropy_and_uniform_coarse_patches():
+    parser = _parser(["train.json", "train_coarse.json"])
+    assert parser.get_parsed_content("base_loss").lambda_dice == 0.0  # Eq. 1-3: cross-entropy only
+    assert type(parser.get_parsed_content("train#random_transforms")[1]).__name__ == "RandSpatialCropSamplesd"
+    fine = _parser(["train.json", "train_fine.json"])
+    assert fine.get_parsed_content("base_loss").lambda_dice == 0.0
+
+
+@pytest.mark.parametrize("loss, lambda_dice", [("dicece", 1.0), ("ce", 0.0)])
+def test_phantom_config_selects_the_loss_and_pos_neg_patches(loss, lambda_dice):
+    parser = _parser(["train.json", "phantom.json", "train_coarse.json"], phantom_loss=loss, phantom_neg=3.0)
+    base = parser.get_parsed_content("base_loss")
+    assert base.lambda_dice == lambda_dice and base.lambda_ce == 1.0
+    sampler = parser.get_parsed_content("train#random_transforms")[1]
+    assert type(sampler).__name__ == "RandCropByPosNegLabeld"
+    assert sampler.cropper.pos_ratio == pytest.approx(1.0 / 4.0)  # pos / (pos + neg) = 1 / (1 + 3)
+
+
+@pytest.mark.parametrize("extra", [[], ["phantom.json"]])
+def test_fine_training_patches_always_cover_pancreas(phantom_case, extra):
+    """Sec. 4.1.1: fine patches lie in the ground-truth box (+ margin) and are "assured to cover pancreatic
+    voxels"; train_fine.json's pancreas-centred sampling wins over phantom.json's 1 : 1 sampling."""
+    overrides = {"roi_size": [16, 16, 16], "fine_margin": 4, "patches_per_case": 6, "seed": 0}
+    parser = _parser(["train.json", *extra, "train_fine.json"], **overrides)
+    preprocessing = parser.get_parsed_content("train#preprocessing")
+    preprocessing.set_random_state(seed=0)
+    for _ in range(3):
+        patches = preprocessing(dict(phantom_case))
+        assert len(patches) == 6
+        for patch in patches:
+            assert patch["label"].shape[1:] == (16, 16, 16)
+            assert int(patch["label"].sum()) > 0
+
+
+def test_adv_train_init_checkpoint_loads_the_given_weights(tmp_path):
+    from common.networks.resdsn import ResDSN
+
+    torch.manual_seed(0)
+    source = ResDSN(channels=(2, 4, 8, 16))
+    torch.save({"model": source.state_dict()}, tmp_path / "model.pt")
+    parser = _parser(["train.json", "adv_train.json"], channels=[2, 4, 8, 16], init_checkpoint=str(tmp_path / "model.pt"))
+    network = parser.get_parsed_content("network")
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(network.state_dict()[key], value)
+    fresh = _parser(["train.json", "adv_train.json"], channels=[2, 4, 8, 16]).get_parsed_content("network")
+    assert not torch.equal(fresh.state_dict()["conv1.conv.weight"], source.state_dict()["conv1.conv.weight"])
+
+
 # ----------------------------------------------------------------------------------- bundle end to end
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
@@ -149,6 +219,8 @@ def demo(tmp_path_factory):
             "inference": (["inference.json", "demo.json"], plain),
             "evaluate": (["inference.json", "evaluate.json", "demo.json"], plain),
             "attack": (["inference.json", "attack.json", "demo.json"], {**plain, "attack#steps": 2}),
+            "white_box": (["inference.json", "attack.json", "demo.json"], {
+                **plain, "attack#steps": 2, "attack#c2f_source": "c2f", "output_dir": str(root / "eval_white_box")}),
         },
     ]
     logs = {}
@@ -166,7 +238,7 @@ def test_bundle_training_writes_models(demo):
         state = obj.get("model", obj)  # CheckpointSaver stores a one-entry save_dict unwrapped
         assert "conv1.conv.weight" in state
         assert any(k.startswith("aux2") for k in state)  # deep supervision heads trained
-    assert "Train completed" in logs["coarse"] + logs["fine"] + logs["adv"]
+    assert all("Engine run finished" in logs[k] for k in ("coarse", "fine", "adv"))
 
 
 def test_bundle_inference_writes_nifti_masks(demo):
@@ -197,3 +269,9 @@ def test_bundle_table6_and_table8(demo):
     assert [e["eps_display"] for e in coarse["entries"][1:]] == pytest.approx([10.2, 10.2])  # HU
     assert coarse["attacks"] == ["FGSM", "I-FGSM"]
     assert (root / "eval" / "attack" / "table8.md").read_text().count("ResDSN") == 2
+    # the white-box C2F sweep (attacks through CoarseToFineLogits) ran on the same cases
+    white = json.loads((root / "eval_white_box" / "attack" / "c2f" / "summary.json").read_text())
+    assert [e["attack"] for e in white["entries"]] == ["clean", "FGSM", "I-FGSM"]
+    assert "white box" in (root / "eval_white_box" / "attack" / "c2f" / "summary.md").read_text()
+    assert white["entries"][0]["mean"]["dice_pancreas"] == pytest.approx(
+        json.loads((root / "eval" / "attack" / "c2f" / "summary.json").read_text())["entries"][0]["mean"]["dice_pancreas"])

@@ -11,6 +11,7 @@ from scipy import ndimage
 
 from common.c2f import (
     CoarseToFine,
+    CoarseToFineLogits,
     SlidingWindowN,
     bounding_box,
     coarse_to_fine_predict,
@@ -277,6 +278,38 @@ def test_coarse_to_fine_with_single_channel_logits_and_decrop_outside_the_box():
         coarse_to_fine_predict(x, lambda t: t - 0.5, lambda t: t[..., :2], margin=1)
 
 
+def test_coarse_to_fine_logits_argmax_is_the_c2f_prediction_and_gradients_come_from_the_right_stage():
+    """Oracle: coarse logits = [0, a·x − 0.5], fine logits = [0, b·x − 1.5]; d(Σ fg logit)/dx is a outside
+    the crop box and b inside it (mask_input False), or b·P_C inside it with the masked crop of Eq. 4."""
+    x = torch.zeros(2, 1, 12, 12, 12, dtype=torch.float64)
+    x[0, 0, 3:7, 4:8, 2:6] = 1.0  # coarse foreground (a = 1: logit 0.5 > 0)
+    x[0, 0, 4:6, 5:7, 3:5] = 2.0  # fine foreground inside it (b = 1: logit 0.5 > 0)
+    x[1] = 0.1  # case 1: empty coarse mask, keeps the coarse logits
+    a, b = 1.0, 1.0
+
+    def coarse(t):
+        return torch.cat([torch.zeros_like(t), a * t - 0.5], 1)
+
+    def fine(t):
+        return torch.cat([torch.zeros_like(t), b * t - 1.5], 1)
+
+    for mask_input in (False, True):
+        target = CoarseToFineLogits(coarse, fine, margin=1, min_fraction=0.0, mask_input=mask_input)
+        labels = coarse_to_fine_predict(x, coarse, fine, margin=1, min_fraction=0.0, mask_input=mask_input)
+        xr = x.clone().requires_grad_(True)
+        logits = target(xr)
+        assert logits.shape == (2, 2, 12, 12, 12)
+        assert torch.equal(logits.argmax(1, keepdim=True), labels)
+        (grad,) = torch.autograd.grad(logits[:, 1].sum(), [xr])
+        expected = torch.full_like(x, a)
+        box = (slice(2, 8), slice(3, 9), slice(1, 7))  # coarse box 3:7, 4:8, 2:6 plus 1
+        coarse_mask = (x[0, 0] > 0.5).double()
+        expected[0, 0][box] = b * coarse_mask[box] if mask_input else b
+        torch.testing.assert_close(grad, expected)
+    with pytest.raises(ValueError, match="^fine_forward"):
+        CoarseToFineLogits(coarse, 3, margin=1)
+
+
 # --- HU preprocessing ----------------------------------------------------------------------------
 
 
@@ -299,3 +332,21 @@ def test_hu_window_normalise_matches_monai_transforms_and_converts_eps():
     torch.testing.assert_close(eps_z.flatten(), 10.2 / std)
     with pytest.raises(ValueError, match="^hu_range"):
         hu_window_normalise(hu, (240, -100))
+
+
+@pytest.mark.parametrize("size, n", [((160, 160, 96), 1), ((160, 160, 96), 2), ((160, 160, 96), 12), ((88, 54, 57), 2)])
+def test_bench_window_count_is_monais(size, n):
+    """scripts/bench_c2f.py reports window counts; they must be the windows MONAI actually scans."""
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    from scripts.bench_c2f import windows
+
+    overlap = overlap_for_n(size, (64, 64, 64), n)
+    padded = tuple(max(s, 64) for s in size)
+    interval = _get_scan_interval(padded, (64, 64, 64), 3, overlap)
+    assert windows(size, 64, n) == len(dense_patch_slices(padded, (64, 64, 64), interval))
+    if n == 12 and size == (160, 160, 96):
+        # the paper's ⌊W/64⌋ + 12 = 14, 14, 13 windows are not reachable with integer intervals on these
+        # axes; overlap_for_n takes the nearest count above: intervals 7, 7, 2 → 15, 15, 17 windows
+        assert windows(size, 64, n) == 15 * 15 * 17
