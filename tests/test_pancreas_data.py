@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import locale
 from pathlib import Path
 
 import nibabel as nib
@@ -23,7 +24,18 @@ SPACING = (0.7, 0.7, 2.5)
 
 
 def _write_dicom_series(folder: Path, volume: np.ndarray, series_uid: str) -> None:
-    """``volume`` (z, y, x) int16 HU as one axial DICOM slice per z, with the series tags GDCM sorts by."""
+    """``volume`` (z, y, x) int16 HU as one axial DICOM slice per z, with the series tags GDCM sorts by.
+
+    GDCM's DICOM writer switches the whole process to the "C" locale (measured), which turns Python's
+    default text encoding into ASCII for every later test in this process; the locale is put back."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_slices(folder, volume, series_uid)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_slices(folder: Path, volume: np.ndarray, series_uid: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -149,3 +161,4 @@ def test_prepare_msd_pancreas(tmp_path):
     (task / "dataset.json").write_text("{not json")
     with pytest.raises(ValueError, match="dataset.json"):
         prepare_msd_pancreas(task)
+
