@@ -14,4 +14,5 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 python3 -m venv .venv
 .venv/bin/pip install -q -e '.[test,deploy,tracking]'
-.venv/bin/python -m pytest -q "$@"
+# two workers, one test file each (module fixtures are built once): the bundle runs are single-threaded
+.venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"
