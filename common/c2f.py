@@ -374,7 +374,7 @@ class CoarseToFine:
         )
 
 
-class CoarseToFineLogits:
+class CoarseToFineLogits(CoarseToFine):
     """``forward(x) -> logits (B, K, *spatial)`` of the C2F pipeline, differentiable in ``x``: the white-box
     target for attacks on "ResDSN C2F" (the paper attacks the coarse model only, Sec. 4.2.1).
 
@@ -389,24 +389,9 @@ class CoarseToFineLogits:
     ``coarse_forward`` and ``fine_forward`` must be differentiable (e.g. :class:`SlidingWindowN`, which
     runs MONAI's ``sliding_window_inference``; attacks then use the exact gradient, every window's graph
     kept until the backward pass, so this is meant for volumes whose windows fit in memory at once).
-    """
 
-    def __init__(
-        self,
-        coarse_forward: Callable[[torch.Tensor], torch.Tensor],
-        fine_forward: Callable[[torch.Tensor], torch.Tensor],
-        margin: int | Sequence[int],
-        min_fraction: float = 0.2,
-        mask_input: bool = True,
-        clean_coarse: bool = True,
-    ) -> None:
-        for name, fn in (("coarse_forward", coarse_forward), ("fine_forward", fine_forward)):
-            if not callable(fn):
-                raise ValueError(f"{name}: expected a callable x -> logits, got {type(fn).__name__}")
-        self.coarse_forward, self.fine_forward = coarse_forward, fine_forward
-        self.margin = margin
-        self.min_fraction = check_probability(min_fraction, "min_fraction", open_interval=False)
-        self.mask_input, self.clean_coarse = bool(mask_input), bool(clean_coarse)
+    Constructor arguments as :class:`CoarseToFine`.
+    """
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         check_image(x, "x")
