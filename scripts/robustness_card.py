@@ -10,7 +10,8 @@ against clean, and the cost of each part, written as ``card.md``, a self-contain
 ``ScaleIntensityRanged``); the card states the range and the values in input units. ``--overrides`` sets
 ids of the bundle's config before it is parsed, as ``monai.bundle run --key value`` would (e.g.
 ``--overrides '{"image_size": [64, 64]}'``). ``--label_values "[0,1,2,4]"`` gives the label-file value of
-each output channel when the files do not hold channel indices (raw BraTS labels). An interrupted run restarted with the same settings reuses
+each output channel when the files do not hold channel indices (raw BraTS labels); a list per channel merges
+labels (``"[[0,3,4],[1,2]]"``). An interrupted run restarted with the same settings reuses
 the finished cases (``<output_dir>/.card_cache``). The same run as a bundle config::
 
     python -m monai.bundle run --config_file scripts/robustness_card.json --bundle_root DIR --datalist FILE \
@@ -48,7 +49,7 @@ def main(
     seed: int = 0,
     device: str = "cpu",
     overrides: Mapping[str, Any] | str | None = None,
-    label_values: Sequence[int] | None = None,
+    label_values: Sequence[int | Sequence[int]] | None = None,
 ) -> str:
     """Write the card of the bundle at ``bundle_root`` on the cases of ``datalist``; return the card's
     HTML path. ``overrides`` is a dict or its JSON text (the bundle config passes JSON text, so that

@@ -283,10 +283,18 @@ def test_label_values_map_label_files_to_channels(zoo, tmp_path):
         wrong = tmp_path / "label1.nii.gz"
         shutil.copy(case.label, wrong)
         load_case(bundle, CaseRef(case.case_id, case.image, wrong, case.datalist))
+    # a list per channel merges label values (organ labels into background / foreground)
+    merged = tmp_path / "organs.nii.gz"
+    organs = np.asarray(img.dataobj).astype(np.uint8) * np.where(np.arange(SIZE) % 2, 5, 9)[None, :, None]
+    nib.save(nib.Nifti1Image(np.where(organs == 0, 3, organs).astype(np.uint8), img.affine), merged)
+    _, y_merged = load_case(read_bundle(zoo["root"], label_values=[[0, 3], [5, 9]]),
+                            CaseRef(case.case_id, case.image, merged, case.datalist))
+    assert torch.equal(y_merged, y_plain)
     with pytest.raises(ValueError, match=r"label_values: 3 values for the 2 output channels declared in .*metadata"):
         read_bundle(zoo["root"], label_values=[0, 1, 2])
-    with pytest.raises(ValueError, match="label_values: expected distinct"):
-        read_bundle(zoo["root"], label_values=[0, 0])
+    for bad in ([0, 0], [[0, 1], [1]], [[], [1]], "01", [0, -1]):
+        with pytest.raises(ValueError, match="label_values: expected"):
+            read_bundle(zoo["root"], label_values=bad)
 
 
 # ------------------------------------------------------------------------------------------------ resume
@@ -375,7 +383,7 @@ def test_project_bundle_cards(name, tmp_path):
     run_card(root, datalist, output_dir=out, overrides=overrides, label_values=label_values, **TINY)
     card = json.loads((out / "card.json").read_text())
     validate_card(card)
-    assert card["settings"]["label_values"] == label_values
+    assert card["settings"]["label_values"] == ([[v] for v in label_values] if label_values else None)
     with np.load(out / "examples.npz") as npz:
         validate_examples({k: npz[k] for k in npz.files})
     assert (out / "card.html").is_file() and (out / "card.md").is_file()

@@ -103,7 +103,7 @@ class Bundle:
     device: torch.device
     overrides: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    label_values: tuple[int, ...] | None = None
+    label_values: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def foreground_names(self) -> list[str]:
@@ -467,19 +467,34 @@ def check_forward(bundle: Bundle, x: torch.Tensor, case: str) -> None:
 
 
 # -------------------------------------------------------------------------------------- read_bundle
-def _label_values(values: Sequence[int] | None, num_classes: int, meta_path: Path) -> tuple[int, ...] | None:
-    """``label_values`` checked: one distinct integer >= 0 per output channel of ``metadata.json``."""
+def _label_values(
+    values: Sequence[int | Sequence[int]] | None, num_classes: int, meta_path: Path
+) -> tuple[tuple[int, ...], ...] | None:
+    """``label_values`` checked and normalised: per output channel of ``metadata.json``, the label-file values
+    that stand for it (an int or a list of ints; every value >= 0 and used by one channel only)."""
     if values is None:
         return None
-    if (isinstance(values, (str, bytes)) or not isinstance(values, Sequence)
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values)
-            or len(set(values)) != len(values)):
-        raise ValueError(f"label_values: expected distinct integers >= 0, one per output channel, got {values!r}")
+    given = values
+
+    def is_value(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        values = None
+    else:
+        values = tuple((v,) if is_value(v) else tuple(v) if isinstance(v, Sequence) and not isinstance(v, str)
+                       and v and all(map(is_value, v)) else () for v in values)
+    flat = [v for group in values or () for v in group]
+    if not values or not all(values) or len(set(flat)) != len(flat):
+        raise ValueError(
+            "label_values: expected, per output channel, an integer >= 0 or a non-empty list of them, every "
+            f"value used once, got {given!r}"
+        )
     if len(values) != num_classes:
         raise ValueError(
             f"label_values: {len(values)} values for the {num_classes} output channels declared in {meta_path}"
         )
-    return tuple(values)
+    return values
 
 
 def read_bundle(
@@ -488,12 +503,13 @@ def read_bundle(
     ckpt: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     overrides: Mapping[str, Any] | None = None,
-    label_values: Sequence[int] | None = None,
+    label_values: Sequence[int | Sequence[int]] | None = None,
 ) -> Bundle:
     """Parse a bundle (see the module docstring). ``overrides`` set config ids before parsing, as
     ``monai.bundle run --key value`` does (e.g. ``{"image_size": [64, 64]}``). ``label_values[k]`` is the
-    value that stands for output channel ``k`` in the label files (e.g. ``[0, 1, 2, 4]`` for raw BraTS
-    labels); by default a label value is its channel index.
+    label-file value, or list of values, that stands for output channel ``k`` (``[0, 1, 2, 4]`` for raw
+    BraTS labels, ``[[0, 3, 4], [1, 2]]`` to merge organ labels into background / lung); by default a label
+    value is its channel index.
 
     Raises ``FileNotFoundError`` / ``ValueError`` naming the file and the key for a missing config or
     metadata, a missing ``network_def``/``inferer``/``preprocessing``, or a checkpoint that does not fit.

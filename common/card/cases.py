@@ -124,7 +124,8 @@ def load_case(bundle: Bundle, case: CaseRef) -> tuple[torch.Tensor, torch.Tensor
         )
     values = torch.unique(y)
     k = bundle.num_classes
-    declared = bundle.label_values or tuple(range(k))
+    groups = bundle.label_values or tuple((c,) for c in range(k))
+    declared = sorted(v for group in groups for v in group)
     bad = [float(v) for v in values if not torch.isfinite(v) or v != torch.round(v) or int(v) not in declared]
     if bad:
         meta = bundle.root / "configs" / "metadata.json"
@@ -135,6 +136,7 @@ def load_case(bundle: Bundle, case: CaseRef) -> tuple[torch.Tensor, torch.Tensor
     y = y.long()
     if bundle.label_values is not None:  # label value -> channel index
         lookup = torch.zeros(max(declared) + 1, dtype=torch.long)
-        lookup[list(declared)] = torch.arange(k)
+        for channel, group in enumerate(groups):
+            lookup[list(group)] = channel
         y = lookup[y]
     return x[None].to(bundle.device), y[None].to(bundle.device)

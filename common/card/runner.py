@@ -230,7 +230,7 @@ def _prepare(args: dict[str, Any], progress: bool) -> _Run:
                           "alpha": alpha, "tau": parts.tau, "correction": "holm", "batch_size": batch_size},
         "wilcoxon": {"alternative": "two-sided", "correction": "holm"},
         "clip": list(rng.clip) if rng.clip else None,
-        "label_values": list(bundle.label_values) if bundle.label_values else None,
+        "label_values": [list(g) for g in bundle.label_values] if bundle.label_values else None,
     }
     key = _cache_key(bundle, {**settings, "eps_input": eps_input, "input_range": [low, high]})
     return _Run(bundle, cases, section, (float(low), float(high)), spatial_dims, list(eps), list(sigmas),
@@ -345,7 +345,7 @@ def run_card(
     seed: int = 0,
     device: str = "cpu",
     overrides: Mapping[str, Any] | None = None,
-    label_values: Sequence[int] | None = None,
+    label_values: Sequence[int | Sequence[int]] | None = None,
     alpha: float = 0.001,
     tau: float = 0.75,
     batch_size: int = 8,
@@ -363,8 +363,8 @@ def run_card(
         max_cases: use at most this many cases of the datalist section.
         seed: seeds MONAI (``set_determinism``) and the certification noise.
         overrides: config ids of the bundle's config to set before parsing (``{"image_size": [64, 64]}``).
-        label_values: the label-file value of each output channel (``[0, 1, 2, 4]`` for raw BraTS labels);
-            default: a label value is its channel index.
+        label_values: the label-file value (or list of values) of each output channel (``[0, 1, 2, 4]`` for
+            raw BraTS labels, ``[[0, 3, 4], [1, 2]]`` to merge labels); default: a label value is its channel.
 
     Returns:
         paths of the written files: ``json``, ``examples_npz`` and the renderer's ``md``, ``html`` and PNGs.
@@ -377,7 +377,7 @@ def run_card(
             "output_dir": output_dir, "eps": eps, "sigmas": sigmas, "n0": n0, "n": n, "steps": steps,
             "max_cases": max_cases, "seed": seed, "device": str(device),
             "overrides": dict(overrides) if overrides else None,
-            "label_values": list(label_values) if label_values is not None else None, "alpha": alpha, "tau": tau,
+            "label_values": label_values, "alpha": alpha, "tau": tau,
             "batch_size": batch_size}
     if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0:
         set_determinism(seed=seed)
