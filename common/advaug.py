@@ -1,4 +1,4 @@
-"""Adversarial-attack-driven data augmentation (seed 003): FGSM and inverse-FGSM copies of the training set.
+"""Adversarial-attack-driven data augmentation (Pervin et al., arXiv:2105.12106): FGSM and inverse-FGSM copies of the training set.
 
 The paper's pipeline (§3, Fig. 1): (1) train a U-Net on the original set; (2) attack the trained model
 on every training image with FGSM, x + ε·sign(∇ₓL) (Eq. 1, loss up), and/or inverse FGSM,

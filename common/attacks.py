@@ -86,7 +86,7 @@ class Attack(abc.ABC):
     Args:
         forward: callable ``x -> logits`` (or a list of heads, main first).
         eps: L∞ radius ε ≥ 0 (a number, or per-sample values of shape (B,)).
-        loss: ``"ce"``, ``"dice"`` (soft Dice of seed 001, Eq. 5–6, background excluded), ``"dicece"``,
+        loss: ``"ce"``, ``"dice"`` (soft Dice of Liu et al., J. Digit. Imaging 2021, Eq. 5–6, background excluded), ``"dicece"``,
             or a callable ``(logits, y) -> scalar``.
         targeted: descend the loss toward target labels instead of ascending it away from ``y``.
         clip: ``(low, high)`` valid input range, or ``None``.
@@ -173,7 +173,7 @@ class Attack(abc.ABC):
 
 
 class FGSM(Attack):
-    """Fast gradient sign method (Goodfellow et al. 2015; seed 001 Eq. 1): x + ε·sign(∇_x L(x, y)).
+    """Fast gradient sign method (Goodfellow et al. 2015; Liu et al., J. Digit. Imaging 2021 Eq. 1): x + ε·sign(∇_x L(x, y)).
 
     With ``targeted=True``: x − ε·sign(∇_x L(x, y_target)).
     """
@@ -183,7 +183,7 @@ class FGSM(Attack):
 
 
 class InvFGSM(Attack):
-    """Inverse FGSM (seed 003): one step *down* the loss of the true labels, x − ε·sign(∇_x L(x, y))."""
+    """Inverse FGSM (Pervin et al., arXiv:2105.12106): one step *down* the loss of the true labels, x − ε·sign(∇_x L(x, y))."""
 
     def __init__(
         self, forward: Callable, eps: Number | torch.Tensor, loss: str | Callable = "ce", clip: Sequence[float] | None = None
@@ -196,7 +196,7 @@ class InvFGSM(Attack):
 
 
 class IFGSM(Attack):
-    """Iterative FGSM / basic iterative method (Kurakin et al. 2017; seed 001 Eq. 2–3):
+    """Iterative FGSM / basic iterative method (Kurakin et al. 2017; Liu et al., J. Digit. Imaging 2021 Eq. 2–3):
 
         x_0 = x (or x + U(−ε, ε) with ``random_start``),
         x_{k+1} = Clip_{x,ε}{ x_k ± α·sign(∇_x L(x_k, y)) },   k = 0 … steps − 1,
@@ -269,7 +269,7 @@ class PGD(IFGSM):
 
 
 class KurakinIFGSM(IFGSM):
-    """The basic iterative method with Kurakin et al.'s schedule, as the NLCEN paper (seed 000) runs it:
+    """The basic iterative method with Kurakin et al.'s schedule, as the NLCEN paper (He et al., AAAI 2019) runs it:
     α = 1 and N = min(ε + 4, ⌈1.25 ε⌉) on the 0–255 pixel scale (:func:`kurakin_steps`).
 
     ``eps`` is in input units like every attack; ``input_range`` (the span that 0–255 maps to) converts
@@ -313,7 +313,7 @@ def constant_target(y: torch.Tensor, label: int = 1) -> torch.Tensor:
 
 def kurakin_steps(eps_pixels: float) -> int:
     """Iterations of the basic iterative method for ε on the 0–255 scale with α = 1:
-    min(ε + 4, ⌈1.25 ε⌉) (Kurakin et al. 2017; NLCEN paper, seed 000). At least 1."""
+    min(ε + 4, ⌈1.25 ε⌉) (Kurakin et al. 2017; NLCEN paper, He et al., AAAI 2019). At least 1."""
     eps_pixels = check_nonnegative(eps_pixels, "eps_pixels")
     return max(1, int(min(eps_pixels + 4, math.ceil(1.25 * eps_pixels))))
 

@@ -1,4 +1,4 @@
-"""Coarse-to-fine (C2F) building blocks of the ResDSN paper (seed ``002``, Sec. 3.1, 4.1.1).
+"""Coarse-to-fine (C2F) building blocks of the ResDSN paper (Li et al. 2019, ResDSN C2F, Sec. 3.1, 4.1.1).
 
 - :func:`bounding_box`, :func:`crop_to_box`, :func:`fine_input` (Eq. 4: X_F = Crop[X_C ⊗ P_C; P_C, m]) and
   :func:`decrop` (Eq. 5: P_C2F = DeCrop[P_F ⊙ P_C; X_F, X_C]).

@@ -1,4 +1,4 @@
-"""Reports of the ResDSN paper (seed ``002``): Table 6 (DSC and test time per case of several whole-volume
+"""Reports of the ResDSN paper (Li et al. 2019, ResDSN C2F): Table 6 (DSC and test time per case of several whole-volume
 pipelines measured in one run) and Table 8 (clean and attacked DSC with the maximum drop).
 
 - :func:`timed_evaluation`: every case through every named ``forward`` (coarse only, fine only, C2F …),

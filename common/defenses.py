@@ -1,7 +1,7 @@
 """Defences as plain PyTorch functions: adversarial training objectives, noise augmentation, distillation.
 
 The training-loop glue that bundle configs instantiate lives in :mod:`common.handlers`; the adversarial
-data augmentation of seed 003 (offline / online example generation) lives in :mod:`common.advaug`.
+data augmentation of Pervin et al., arXiv:2105.12106 (offline / online example generation) lives in :mod:`common.advaug`.
 
 Shapes: x (B, C, *spatial) float, y (B, 1, *spatial) integer labels; ``loss_fn(pred, y) -> scalar``.
 """
@@ -36,7 +36,7 @@ def adversarial_objective(
     attack: Callable,
     beta: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eq. 9 of seed 001: L̃ = β·L(x, y) + (1 − β)·L(x_adv, y), x_adv = attack(x, y) from the current model.
+    """Eq. 9 of Liu et al., J. Digit. Imaging 2021: L̃ = β·L(x, y) + (1 − β)·L(x_adv, y), x_adv = attack(x, y) from the current model.
 
     β = 0.5 with FGSM is the BraTS paper's adversarial training; β = 0 with PGD is the ResDSN paper's
     (train on the adversarial batch only). Returns ``(loss, pred_clean, x_adv)``; ``pred_clean`` is
@@ -52,7 +52,7 @@ def adversarial_objective(
 
 
 def uniform_noise(x: torch.Tensor, radius: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """x + U(−r, r) voxel-wise: random perturbation of L∞ radius r (seed 001's noise augmentation, r = 0.01)."""
+    """x + U(−r, r) voxel-wise: random perturbation of L∞ radius r (Liu et al., J. Digit. Imaging 2021's noise augmentation, r = 0.01)."""
     check_image(x, "x")
     radius = check_nonnegative(radius, "radius")
     noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)

@@ -1,10 +1,10 @@
 """Robustness sweeps: every case under every (attack, ε), per-case metrics, statistics, reports.
 
 The evaluation of all five papers: Dice / Jaccard of the segmentation of clean and attacked inputs per
-case, PSNR / SSIM / RMSE of the perturbations (Table 1 of ``001_aae94ad858b81a9b``), paired two-sided
+case, PSNR / SSIM / RMSE of the perturbations (Table 1 of Liu et al., J. Digit. Imaging 2021), paired two-sided
 Wilcoxon signed-rank tests of each (attack, ε) against the clean input with Bonferroni or Holm
 correction over the (attack, ε) family of each metric (same paper, §3), a Markdown table shaped like
-the papers' tables and a plot of a metric against ε (``000_9797c2d44d5c642e``, Fig. 5).
+the papers' tables and a plot of a metric against ε (He et al., AAAI 2019, Fig. 5).
 
 Outputs of :class:`RobustnessSweep` (all written at the end, each atomically; nothing on error):
 ``per_case.csv``, ``summary.json``, ``summary.md``, ``dice_vs_eps.png``.
@@ -206,7 +206,7 @@ def summary_markdown(
     title: str = "",
     digits: int = 3,
 ) -> str:
-    """A Markdown table shaped like the papers' tables (e.g. Table 1 of ``001_aae94ad858b81a9b``).
+    """A Markdown table shaped like the papers' tables (e.g. Table 1 of Liu et al., J. Digit. Imaging 2021).
 
     Rows: clean, then attack × ε. Columns: every metric as mean ± sd (PSNR / SSIM / RMSE shown as ``-`` for
     the clean row, as in the paper), then the raw Wilcoxon p-value of each tested metric. An asterisk
@@ -444,12 +444,12 @@ class RobustnessSweep:
         class_names, include_background, regions: see :func:`common.metrics.segmentation_scores`.
         data_range: input dynamic range for PSNR / SSIM.
         eps_scale: input units per display unit: ``eps_display = eps / eps_scale`` (e.g. 1/255 for ε on the
-            0–255 scale of ``000_9797c2d44d5c642e`` with inputs in [0, 1]).
+            0–255 scale of He et al., AAAI 2019 with inputs in [0, 1]).
         eps_unit: name of the display unit, used in the table header and the plot's x label.
         metric_for_plot: metric drawn against ε.
         title: title of the table and the plot.
         progress: tqdm progress bar over batches (stderr; rank 0 only under ``torchrun``).
-        alpha, correction: significance level and correction ("bonferroni" as in ``001_aae94ad858b81a9b``,
+        alpha, correction: significance level and correction ("bonferroni" as in Liu et al., J. Digit. Imaging 2021,
             or "holm") marked with an asterisk in the table; both adjustments are in ``summary.json``.
     """
 

@@ -6,9 +6,9 @@ train mode, fires MONAI's ``IterationEvents`` and returns ``{"image", "label", "
 every MONAI handler (``StatsHandler``, ``CheckpointSaver``, metrics, TensorBoard, MLflow) works unchanged.
 Only the objective differs:
 
-- :class:`AdversarialTrainingIteration`: Eq. 9 of seed 001 (β·clean + (1 − β)·adversarial), or the
+- :class:`AdversarialTrainingIteration`: Eq. 9 of Liu et al., J. Digit. Imaging 2021 (β·clean + (1 − β)·adversarial), or the
   ResDSN paper's PGD training (β = 0).
-- :class:`NoiseAugmentationIteration`: the uniform-noise baseline of seed 001 (radius 0.01).
+- :class:`NoiseAugmentationIteration`: the uniform-noise baseline of Liu et al., J. Digit. Imaging 2021 (radius 0.01).
 - :class:`DistillationIteration`: the student of defensive distillation trained on the teacher's
   temperature-T soft labels with the soft Dice of Eq. 7.
 
@@ -69,7 +69,7 @@ class AdversarialTrainingIteration(_ObjectiveIteration):
 
     Args:
         attack: an attack built on the trainer's network, e.g. ``FGSM(@network, eps=0.05, loss="dice")``
-            (seed 001, β = 0.5) or ``PGD(@network, eps, alpha, steps)`` (seed 002, β = 0).
+            (Liu et al., J. Digit. Imaging 2021, β = 0.5) or ``PGD(@network, eps, alpha, steps)`` (Li et al., 2019 (ResDSN C2F), β = 0).
         beta: weight β of the clean loss in [0, 1].
     """
 

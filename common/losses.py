@@ -1,6 +1,6 @@
 """Losses of the papers, built on MONAI's losses.
 
-- :class:`SoftDiceLoss`: the soft Dice loss of Eq. 5–6 in seed ``001`` (the BraTS robustness paper),
+- :class:`SoftDiceLoss`: the soft Dice loss of Eq. 5–6 in Liu et al., J. Digit. Imaging 2021 (the BraTS robustness paper),
   background (class 0) excluded, as used to craft FGSM / i-FGSM / ti-FGSM.
 - :func:`temperature_softmax` and :class:`DistillationDiceLoss`: Eq. 4 and Eq. 7 (defensive distillation).
 - :func:`resolve_loss`: turns ``"ce"``, ``"dice"``, ``"dicece"`` or a callable into ``(logits, y) -> scalar``.
@@ -53,7 +53,7 @@ def _one_hot(y: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 class SoftDiceLoss(nn.Module):
-    """Soft Dice loss of Eq. 5–6 (seed ``001``): ``1 − D`` with
+    """Soft Dice loss of Eq. 5–6 (Liu et al., J. Digit. Imaging 2021): ``1 − D`` with
 
         D = 1/N · Σ_{i=1}^{N−1} (2 Σ_v p_iv y_iv + γ) / (Σ_v p_iv + Σ_v y_iv + γ)
 

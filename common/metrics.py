@@ -4,7 +4,7 @@
   integer label maps, via MONAI ``DiceMetric`` and ``MeanIoU`` on one-hot masks.
 - :func:`perturbation_scores`: PSNR, SSIM and RMSE of a perturbed input against the clean one, per case, via
   MONAI ``PSNRMetric``, ``SSIMMetric`` and ``RMSEMetric`` (the input-quality columns of Table 1 in the
-  BraTS robustness paper, ``001_aae94ad858b81a9b``).
+  BraTS robustness paper, Liu et al., J. Digit. Imaging 2021).
 - :func:`labels_to_regions`: nested label regions, e.g. BraTS whole tumour / tumour core / enhancing
   tumour (:data:`BRATS_REGIONS`).
 

@@ -6,7 +6,7 @@ aggregations:
 
 - ``"exact"``: autograd through MONAI's stitched output — the true gradient of the whole-volume loss
   (every window's graph is kept until the backward pass).
-- ``"window_mean"``: the ResDSN paper's rule (seed 002, Sec. 3.3): every window's *own* loss,
+- ``"window_mean"``: the ResDSN paper's rule (Li et al., 2019 (ResDSN C2F), Sec. 3.3): every window's *own* loss,
   L_w = loss(network(x_w), y_w), is differentiated with respect to its window, and the window gradients
   are averaged where windows overlap; with ``skip_background=True`` windows whose labels are all
   background are skipped (their voxels get no contribution; a voxel covered only by skipped windows gets

@@ -1,4 +1,4 @@
-"""Benchmark of the ResDSN coarse-to-fine pipeline (seed ``002``, Table 6) and of one whole-volume attack
+"""Benchmark of the ResDSN coarse-to-fine pipeline (Li et al. 2019, ResDSN C2F, Table 6) and of one whole-volume attack
 step's memory. The last line of output is one JSON object.
 
 On one abdomen phantom (default 160×160×96 voxels) with two ResDSN of the given widths (default the

@@ -1,4 +1,4 @@
-"""Phantom study of the ``unet_advaug`` bundle (seed 003): baseline U-Net vs FGSM, InvFGSM, FGSM + InvFGSM
+"""Phantom study of the ``unet_advaug`` bundle (Pervin et al., arXiv:2105.12106): baseline U-Net vs FGSM, InvFGSM, FGSM + InvFGSM
 augmentation, IoU over epochs (Table 1 in shape) and IoU under FGSM / InvFGSM for ε ∈ [0, 0.2] (Table 2).
 
 Runs the bundle's configs in this process through ``monai.bundle.run`` (the same code path as

@@ -231,7 +231,7 @@ def test_bad_input_raises_value_error_naming_the_argument(build, call, argument)
 
 
 def test_kurakin_schedule_gives_the_papers_iteration_counts():
-    # NLCEN (seed 000): α = 1 on the 0–255 scale, iterations min(ε + 4, ⌈1.25 ε⌉)
+    # NLCEN (He et al., AAAI 2019): α = 1 on the 0–255 scale, iterations min(ε + 4, ⌈1.25 ε⌉)
     expected = {0.5: 1, 1: 2, 2: 3, 4: 5, 6: 8, 8: 10, 10: 13, 12: 15, 16: 20, 20: 24, 24: 28, 32: 36}
     assert {e: kurakin_steps(e) for e in expected} == expected
 

@@ -1,4 +1,4 @@
-"""Coarse-to-fine blocks of seed 002: crop / de-crop (Eq. 4–5), the overlap parameter n, the
+"""Coarse-to-fine blocks of Li et al., 2019 (ResDSN C2F): crop / de-crop (Eq. 4–5), the overlap parameter n, the
 small-component post-processing, the C2F pipeline and the HU preprocessing."""
 
 from __future__ import annotations

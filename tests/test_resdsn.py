@@ -1,4 +1,4 @@
-"""ResDSN (seed 002, Fig. 3, Table 1) and its deep-supervision loss (Eq. 3)."""
+"""ResDSN (Li et al., 2019 (ResDSN C2F), Fig. 3, Table 1) and its deep-supervision loss (Eq. 3)."""
 
 from __future__ import annotations
 

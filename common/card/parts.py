@@ -2,7 +2,7 @@
 
 Everything runs on ``common``: :func:`common.evaluation.predict_labels` and
 :func:`common.metrics.segmentation_scores` (MONAI ``DiceMetric``) for Dice, :mod:`common.attacks` for
-FGSM / I-FGSM and the targeted I-FGSM toward the inverted mask (NLCEN, seed 000), :func:`common.certify.
+FGSM / I-FGSM and the targeted I-FGSM toward the inverted mask (NLCEN, He et al., AAAI 2019), :func:`common.certify.
 certify` and :func:`common.certify.certified_metrics` for randomized smoothing (Laousy et al. 2023).
 One case's result is a plain JSON record (:func:`evaluate_case`), so it can be cached and reused.
 

@@ -1,4 +1,4 @@
-"""Pancreas CT datasets of the ResDSN paper (seed ``002``, Sec. 4.1.2) as 4-fold cross-validation datalists.
+"""Pancreas CT datasets of the ResDSN paper (Li et al. 2019, ResDSN C2F, Sec. 4.1.2) as 4-fold cross-validation datalists.
 
 Two native layouts are read, resolutions kept unchanged ("we did not normalize the spatial resolution"):
 

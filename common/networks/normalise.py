@@ -1,4 +1,4 @@
-"""Per-case z-normalisation as the first layer of a whole-volume ``forward`` (seed ``002``, Sec. 4.1.1).
+"""Per-case z-normalisation as the first layer of a whole-volume ``forward`` (Li et al. 2019, ResDSN C2F, Sec. 4.1.1).
 
 The ResDSN paper clips CT to [−100, 240] HU and z-normalises every case, and states its attack budget in
 HU: ε = 0.03 Λ, α = 0.01 Λ with Λ = 340 HU (Sec. 4.2.1). An attack works in the units of the tensor it

@@ -1,4 +1,4 @@
-"""ResDSN: the 3D encoder–decoder with long residual sums and deep supervision (seed ``002``, Fig. 3).
+"""ResDSN: the 3D encoder–decoder with long residual sums and deep supervision (Li et al. 2019, ResDSN C2F, Fig. 3).
 
 Layout (the figure is not in the text copy of the paper; this is the reconstruction from its caption
 and Sec. 3.1.4, with the default widths ``channels = (32, 64, 128, 256)``: "Conv1a, 32, 3×3×3" and
@@ -90,7 +90,7 @@ def _deconv(cin: int, cout: int, logits: bool = False) -> nn.Module:
 
 
 class ResDSN(nn.Module):
-    """ResDSN of seed ``002`` (Fig. 3, Table 1) for 3D volumes.
+    """ResDSN of Li et al. 2019, ResDSN C2F (Fig. 3, Table 1) for 3D volumes.
 
     Args:
         in_channels: input channels C (1 for CT).
@@ -174,7 +174,7 @@ class ResDSN(nn.Module):
 
 
 class ResDSNLoss(nn.Module):
-    """Eq. 3 of seed ``002`` without the weight decay term: L = L_main + ξ1 L_aux1 + ξ2 L_aux2.
+    """Eq. 3 of Li et al. 2019, ResDSN C2F without the weight decay term: L = L_main + ξ1 L_aux1 + ξ2 L_aux2.
 
     A thin wrapper around MONAI's ``DeepSupervisionLoss`` with the fixed weights (1, ξ1, ξ2); the heads
     already have the label's spatial size, so MONAI's target resizing never triggers. The λ‖Θ‖² term
