@@ -96,3 +96,28 @@ def staged_directory(out_dir: str | os.PathLike, subdirs: tuple[str, ...] = ("im
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+__all__ += ["atomic_write_nifti"]
+
+
+def atomic_write_nifti(path: str | os.PathLike, data: Any, affine: Any) -> Path:
+    """Gzipped NIfTI-1 written atomically and deterministically (gzip mtime 0: same data → same bytes).
+
+    ``data`` any array (its dtype is kept), ``affine`` (4, 4) voxel → world in mm; qform and sform are
+    both set to it (code 1, scanner). Serialised in memory (``img.to_bytes()``) because nibabel picks the
+    format from the file name and :func:`atomic_path` names its temporary file ``.<name>.<random>.tmp``.
+    """
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+
+    img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    payload = gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(payload)
+    return Path(path)
