@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.metrics import compute_dice, compute_iou
 from scipy.stats import binom, norm
 
+from common.metrics import overlap_scores
 from common.stats import bonferroni_reject, holm_reject
 from common.validation import (
     check_image,
@@ -240,16 +240,16 @@ def certified_metrics(
 ) -> dict[str, torch.Tensor]:
     """Certified Dice and IoU per image and class (Laousy et al. 2023, Sec. 4-5), plus the abstained fraction.
 
-    Two variants, computed with MONAI's ``compute_dice`` / ``compute_iou`` on one-hot maps:
+    Two variants, computed with :func:`common.metrics.overlap_scores` on one-hot maps:
 
     - ``dice_<c>``, ``iou_<c>`` (the paper's certified scores): abstained pixels are removed from both
-      the prediction and the ground truth before scoring.
+      the prediction and the ground truth before scoring (the metrics' ignore mask).
     - ``dice_strict_<c>``, ``iou_strict_<c>``: abstained pixels count as errors (an abstained pixel is
       never class c, so a ground-truth c pixel that abstains is a false negative).
 
-    MONAI's ``ignore_empty`` convention holds: a class absent from the (remaining) ground truth gives
-    NaN. ``dice_mean`` etc. are NaN-ignoring means over the reported classes; ``include_background``
-    False drops class 0.
+    Empty classes follow :data:`common.metrics.EMPTY_CLASS_RULE` (absent from both the remaining ground
+    truth and the certified prediction: 1.0). ``dice_mean`` etc. are means over the reported classes;
+    ``include_background`` False drops class 0.
 
     Args:
         cert: output of :func:`certify`, labels (B, *spatial).
@@ -283,19 +283,14 @@ def certified_metrics(
             f"num_classes: cert holds class {int(labels.max())}, more than {num_classes} classes"
         )
 
-    kept = (labels != ABSTAIN).unsqueeze(1)
-    pred = _one_hot(labels.clamp(min=0), num_classes) * kept
-    truth = _one_hot(y, num_classes)
-    scores = {}
-    for suffix, target in (("", truth * kept), ("_strict", truth)):
-        scores[f"dice{suffix}"] = compute_dice(pred, target, include_background, True, num_classes)
-        scores[f"iou{suffix}"] = compute_iou(pred, target, include_background, True)
-    classes = range(0 if include_background else 1, num_classes)
-    out: dict[str, torch.Tensor] = {}
-    for name, value in scores.items():
-        for col, c in enumerate(classes):
-            out[f"{name}_{c}"] = value[:, col]
-        out[f"{name}_mean"] = value.nanmean(1)
+    abstained = labels == ABSTAIN
+    first = 0 if include_background else 1
+    pred = (_one_hot(labels.clamp(min=0), num_classes) * ~abstained.unsqueeze(1))[:, first:]
+    truth = _one_hot(y, num_classes)[:, first:]
+    names = [str(c) for c in range(first, num_classes)]
+    out: dict[str, torch.Tensor] = dict(overlap_scores(pred, truth, names, ignore=abstained))
+    strict = overlap_scores(pred, truth, names)
+    out.update({k.replace("_", "_strict_", 1): v for k, v in strict.items()})
     out["abstained_fraction"] = cert.abstained_fraction.to(labels.device)
     return out
 

@@ -109,7 +109,7 @@ def _write_report(out: Path, summaries: dict, timings: dict, card: dict | None) 
                 "attack": entry["attack"],
                 "ε (0–255)": round(entry["eps_display"], 3),
                 "DIC": format_mean_sd(entry["mean"]["dice_lung"], entry["sd"]["dice_lung"]),
-                "JSC": format_mean_sd(entry["mean"]["jaccard_lung"], entry["sd"]["jaccard_lung"]),
+                "JSC": format_mean_sd(entry["mean"]["iou_lung"], entry["sd"]["iou_lung"]),
                 "p (Wilcoxon, Bonferroni)": entry.get("p_bonferroni", {}).get("dice_lung"),
             })
             # one line per model, starting at its own clean Dice (ε = 0)

@@ -277,11 +277,12 @@ def test_certified_dice_and_iou_ignore_or_penalise_abstentions():
     assert "dice_0" not in fg and fg["dice_1"].item() == pytest.approx(2 / 3)
 
 
-def test_metrics_per_image_and_empty_class_is_nan():
+def test_metrics_per_image_and_empty_class_scores_one():
     pred = torch.tensor([[[1, 1], [0, 0]], [[0, 0], [0, ABSTAIN]]])
     truth = torch.tensor([[[1, 1], [0, 0]], [[0, 0], [0, 0]]])
     m = certified_metrics(_cert_with_labels(pred), truth, num_classes=2)
-    assert m["dice_1"].shape == (2,) and m["dice_1"][0] == 1.0 and torch.isnan(m["dice_1"][1])
+    assert m["dice_1"].shape == (2,) and m["dice_1"][0] == 1.0 and m["dice_1"][1] == 1.0
+    assert m["iou_1"][1] == 1.0 and m["dice_strict_1"][1] == 1.0  # EMPTY_CLASS_RULE: absent from both -> 1
     assert m["dice_0"][1] == 1.0 and m["dice_strict_0"][1].item() == pytest.approx(2 * 3 / (3 + 4))
     torch.testing.assert_close(m["abstained_fraction"], torch.tensor([0.0, 0.25], dtype=torch.float64))
     with pytest.raises(ValueError, match="^y"):

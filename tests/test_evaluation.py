@@ -147,7 +147,7 @@ def test_sweep_writes_reports_with_values_equal_direct_metrics(tmp_path):
     rows = _read_csv(out / "per_case.csv")
     assert len(rows) == n_cases * (1 + 2 * 2)
     assert list(rows[0])[:4] == ["case_id", "attack", "eps", "eps_display"]
-    assert set(rows[0]) >= {"dice_a", "dice_b", "jaccard_a", "dice_mean", "jaccard_mean", "psnr", "ssim"}
+    assert set(rows[0]) >= {"dice_a", "dice_b", "iou_a", "dice_mean", "iou_mean", "psnr", "ssim"}
     by_key = {(r["case_id"], r["attack"], float(r["eps"])): r for r in rows}
     assert len(by_key) == len(rows)
 
@@ -215,7 +215,7 @@ def test_sweep_regions_case_ids_from_meta_and_deep_supervision(tmp_path):
     rows = _read_csv(tmp_path / "per_case.csv")
     assert len(rows) == 4 * 2
     assert [r["case_id"] for r in rows[:4]] == ["p1.nii.gz", "p2.nii.gz", "2", "3"]
-    assert {"dice_WT", "dice_TC", "dice_ET", "jaccard_ET"} <= set(rows[0])
+    assert {"dice_WT", "dice_TC", "dice_ET", "iou_ET"} <= set(rows[0])
     assert summary["tested_metrics"] == ["dice_WT", "dice_TC", "dice_ET", "dice_mean"]
 
 

@@ -1,4 +1,5 @@
-"""Oracles for common.metrics: hand-computed Dice / Jaccard, BraTS regions, closed-form PSNR / RMSE / SSIM."""
+"""Oracles for common.metrics: hand-computed Dice / IoU, BraTS regions, scipy surface distances, closed-form
+PSNR / RMSE / SSIM, case ids."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from common.metrics import BRATS_REGIONS, labels_to_regions, perturbation_scores, segmentation_scores
+from scipy import ndimage
+
+from common.metrics import (
+    BRATS_REGIONS,
+    case_id,
+    labels_to_regions,
+    perturbation_scores,
+    segmentation_scores,
+    surface_scores,
+)
 
 
 def _map(*rows) -> torch.Tensor:
@@ -42,23 +52,23 @@ def test_labels_to_regions_3d_batch():
     assert bool(masks[:, 0, 4].all()) and not bool(masks[:, 0, :4].any())
 
 
-def test_dice_jaccard_hand_computed_with_empty_class_conventions():
+def test_dice_iou_hand_computed_with_empty_class_conventions():
     # classes: 1 present in both (overlap 2 of |P|=3, |G|=3); 2 in gt only; 3 predicted only (absent in gt);
     # 4 absent from both.
     label = _map([1, 1, 1, 2], [0, 0, 0, 0])
     pred = _map([1, 1, 0, 0], [1, 3, 0, 0])
     s = segmentation_scores(pred, label, num_classes=5)
     assert s["dice_1"].item() == pytest.approx(2 * 2 / (3 + 3))
-    assert s["jaccard_1"].item() == pytest.approx(2 / 4)
-    assert s["dice_2"].item() == 0.0 and s["jaccard_2"].item() == 0.0
-    assert s["dice_3"].item() == 0.0 and s["jaccard_3"].item() == 0.0  # empty gt, non-empty pred -> 0
-    assert s["dice_4"].item() == 1.0 and s["jaccard_4"].item() == 1.0  # empty gt, empty pred -> 1
+    assert s["iou_1"].item() == pytest.approx(2 / 4)
+    assert s["dice_2"].item() == 0.0 and s["iou_2"].item() == 0.0
+    assert s["dice_3"].item() == 0.0 and s["iou_3"].item() == 0.0  # empty gt, non-empty pred -> 0
+    assert s["dice_4"].item() == 1.0 and s["iou_4"].item() == 1.0  # empty gt, empty pred -> 1
     assert s["dice_mean"].item() == pytest.approx((2 / 3 + 0 + 0 + 1) / 4)
-    assert s["jaccard_mean"].item() == pytest.approx((0.5 + 0 + 0 + 1) / 4)
+    assert s["iou_mean"].item() == pytest.approx((0.5 + 0 + 0 + 1) / 4)
     assert "dice_0" not in s
-    assert list(s) == [f"dice_{c}" for c in range(1, 5)] + [f"jaccard_{c}" for c in range(1, 5)] + [
+    assert list(s) == [f"dice_{c}" for c in range(1, 5)] + [f"iou_{c}" for c in range(1, 5)] + [
         "dice_mean",
-        "jaccard_mean",
+        "iou_mean",
     ]
 
 
@@ -70,10 +80,10 @@ def test_include_background_and_class_names_per_case():
     # case 1: bg |P|=4 |G|=3 overlap 3 -> 6/7; lung |P|=0 |G|=1 -> 0
     assert torch.allclose(s["dice_bg"], torch.tensor([2 / 3, 6 / 7], dtype=torch.float64))
     assert torch.allclose(s["dice_lung"], torch.tensor([4 / 5, 0.0], dtype=torch.float64))
-    assert torch.allclose(s["jaccard_bg"], torch.tensor([1 / 2, 3 / 4], dtype=torch.float64))
+    assert torch.allclose(s["iou_bg"], torch.tensor([1 / 2, 3 / 4], dtype=torch.float64))
     assert torch.allclose(s["dice_mean"], torch.tensor([(2 / 3 + 4 / 5) / 2, 3 / 7], dtype=torch.float64))
     fg_only = segmentation_scores(pred, label, 2, class_names=["lung"])
-    assert set(fg_only) == {"dice_lung", "jaccard_lung", "dice_mean", "jaccard_mean"}
+    assert set(fg_only) == {"dice_lung", "iou_lung", "dice_mean", "iou_mean"}
 
 
 def test_brats_region_scores_hand_computed():
@@ -82,12 +92,12 @@ def test_brats_region_scores_hand_computed():
     s = segmentation_scores(pred, label, num_classes=5, regions=BRATS_REGIONS)
     # WT: gt {1,2,4,4,4,2} = 6 voxels, pred non-zero 6 voxels, overlap 5 (pred (0,0)=2 is on gt 0)
     assert s["dice_WT"].item() == pytest.approx(2 * 5 / 12)
-    assert s["jaccard_WT"].item() == pytest.approx(5 / 7)
+    assert s["iou_WT"].item() == pytest.approx(5 / 7)
     # TC: gt {1,4,4,4} at (0,1),(0,3),(1,0),(1,1); pred {4,4,4,1} at (0,1),(0,3),(1,0),(1,1): all overlap
     assert s["dice_TC"].item() == pytest.approx(1.0)
     # ET: gt at (0,3),(1,0),(1,1); pred at (0,1),(0,3),(1,0): overlap 2
     assert s["dice_ET"].item() == pytest.approx(2 * 2 / 6)
-    assert s["jaccard_ET"].item() == pytest.approx(2 / 4)
+    assert s["iou_ET"].item() == pytest.approx(2 / 4)
     assert s["dice_mean"].item() == pytest.approx((10 / 12 + 1 + 4 / 6) / 3)
     # A label-2-only map: WT only, so TC and ET are empty in gt and pred -> 1.0 by convention.
     only_oedema = _map([2, 0])
@@ -106,7 +116,7 @@ def test_segmentation_scores_3d_matches_formula():
         p, t = (pred == c).flatten(1).double(), (label == c).flatten(1).double()
         inter = (p * t).sum(1)
         assert torch.allclose(s[f"dice_{c}"].double(), 2 * inter / (p.sum(1) + t.sum(1)), atol=1e-6)
-        assert torch.allclose(s[f"jaccard_{c}"].double(), inter / (p.sum(1) + t.sum(1) - inter), atol=1e-6)
+        assert torch.allclose(s[f"iou_{c}"].double(), inter / (p.sum(1) + t.sum(1) - inter), atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -181,3 +191,101 @@ def test_unchanged_input_and_tiny_volume():
 def test_perturbation_scores_bad_input(x_adv, x, data_range, match):
     with pytest.raises(ValueError, match=match):
         perturbation_scores(x_adv, x, data_range)
+
+
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("/data/imagesTr/case_001.nii.gz", "case_001"),
+        ("case_001.NII.GZ", "case_001"),
+        ("img.nii", "img"),
+        ("a/b/slice.png", "slice"),
+        ("v.mha", "v"),
+        ("v.nrrd", "v"),
+        ("x.jpg", "x"),
+        ("arr.npz", "arr"),
+        ("scan.dcm", "scan"),
+        ("series_dir/", "series_dir"),
+        ("name.with.dots.nii.gz", "name.with.dots"),
+        ({"filename_or_obj": ["/d/c7.nii.gz"]}, "c7"),
+    ],
+)
+def test_case_id_strips_image_suffixes(source, expected):
+    assert case_id(source) == expected
+
+
+def test_case_id_from_metatensor_and_bad_input():
+    from monai.data import MetaTensor
+
+    assert case_id(MetaTensor(torch.zeros(1), meta={"filename_or_obj": "/x/lung_3.png"})) == "lung_3"
+    for bad in (None, 3, {"spacing": 1}, ["a.png", "b.png"]):
+        with pytest.raises(ValueError, match="source"):
+            case_id(bad)
+
+
+def test_ignore_mask_removes_pixels_from_both_maps():
+    rng = np.random.default_rng(3)
+    label = torch.tensor(rng.integers(0, 3, (2, 1, 6, 7)))
+    pred = torch.tensor(rng.integers(0, 3, (2, 1, 6, 7)))
+    ignore = torch.tensor(rng.random((2, 1, 6, 7)) < 0.3)
+    s = segmentation_scores(pred, label, 3, ignore=ignore)
+    keep = ~ignore.numpy()
+    for c in (1, 2):
+        p, t = (pred.numpy() == c) & keep, (label.numpy() == c) & keep
+        inter = (p & t).reshape(2, -1).sum(1)
+        ps, ts = p.reshape(2, -1).sum(1), t.reshape(2, -1).sum(1)
+        np.testing.assert_allclose(s[f"dice_{c}"].numpy(), 2 * inter / (ps + ts))
+        np.testing.assert_allclose(s[f"iou_{c}"].numpy(), inter / (ps + ts - inter))
+    # a class only inside the ignored pixels is absent from both after removal -> 1 (the empty-class rule)
+    lab, prd = _map([0, 1]), _map([0, 0])
+    only = segmentation_scores(prd, lab, 2, ignore=torch.tensor([[[[False, True]]]]))
+    assert only["dice_1"].item() == 1.0 and only["iou_1"].item() == 1.0
+    with pytest.raises(ValueError, match="ignore"):
+        segmentation_scores(pred, label, 3, ignore=ignore.float())
+
+
+def test_multilabel_sigmoid_masks_per_channel():
+    # BraTS-like overlapping channels: TC, WT, ET as 3 binary masks
+    rng = np.random.default_rng(4)
+    label = torch.tensor(rng.random((2, 3, 5, 4, 3)) < 0.4).long()
+    pred = torch.tensor(rng.random((2, 3, 5, 4, 3)) < 0.4).long()
+    s = segmentation_scores(pred, label, 3, multilabel=True, class_names=["TC", "WT", "ET"])
+    for k, name in enumerate(["TC", "WT", "ET"]):
+        p, t = pred[:, k].reshape(2, -1).numpy(), label[:, k].reshape(2, -1).numpy()
+        inter = (p * t).sum(1)
+        np.testing.assert_allclose(s[f"dice_{name}"].numpy(), 2 * inter / (p.sum(1) + t.sum(1)))
+    assert list(s)[:3] == ["dice_TC", "dice_WT", "dice_ET"]
+    with pytest.raises(ValueError, match="pred"):
+        segmentation_scores(pred[:, :2], label, 3, multilabel=True)
+    with pytest.raises(ValueError, match="binary"):
+        segmentation_scores(pred * 2, label, 3, multilabel=True)
+
+
+def _surface_oracle(p: np.ndarray, t: np.ndarray, tol: float) -> tuple[float, float]:
+    """HD95 and NSD from scipy: border pixels (mask minus its erosion), Euclidean distance transforms."""
+    edge = lambda m: m & ~ndimage.binary_erosion(m, border_value=0)  # noqa: E731
+    ep, et = edge(p), edge(t)
+    d_pt = ndimage.distance_transform_edt(~et)[ep]
+    d_tp = ndimage.distance_transform_edt(~ep)[et]
+    hd95 = max(np.percentile(d_pt, 95), np.percentile(d_tp, 95))
+    nsd = ((d_pt <= tol).sum() + (d_tp <= tol).sum()) / (d_pt.size + d_tp.size)
+    return hd95, nsd
+
+
+def test_hd95_and_nsd_match_scipy_and_follow_the_empty_rule():
+    t = np.zeros((16, 16), bool)
+    t[3:10, 4:12] = True
+    p = np.zeros((16, 16), bool)
+    p[5:13, 2:9] = True
+    p[14, 14] = True  # a far-away false positive
+    pred = torch.tensor(np.stack([p, np.zeros_like(p), p]))[None]
+    truth = torch.tensor(np.stack([t, np.zeros_like(t), np.zeros_like(t)]))[None]
+    s = surface_scores(pred, truth, ["a", "empty", "fp"], tolerance=2.0)
+    hd95, nsd = _surface_oracle(p, t, 2.0)
+    assert s["hd95_a"].item() == pytest.approx(hd95, rel=1e-5)
+    assert s["nsd_a"].item() == pytest.approx(nsd, rel=1e-6)
+    assert s["hd95_empty"].item() == 0.0 and s["nsd_empty"].item() == 1.0
+    assert math.isinf(s["hd95_fp"].item()) and s["nsd_fp"].item() == 0.0
+    both = segmentation_scores(_map(*p.astype(int).tolist()), _map(*t.astype(int).tolist()), 2, surface=True,
+                               tolerance=2.0)
+    assert both["hd95_1"].item() == pytest.approx(hd95, rel=1e-5) and "nsd_mean" in both

@@ -18,29 +18,21 @@ import numpy as np
 import torch
 
 from common.card.bundle_reader import Bundle
+from common.metrics import case_id as metrics_case_id
 
 __all__ = ["CaseRef", "read_datalist", "load_case", "SECTIONS"]
 
 SECTIONS = ("test", "validation", "training")
-_SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".nrrd", ".mha", ".mhd", ".npy", ".dcm")
 
 
 @dataclass(frozen=True)
 class CaseRef:
-    """One datalist entry: a unique ``case_id`` (the image file's name without its extension) and files."""
+    """One datalist entry: a unique ``case_id`` (:func:`common.metrics.case_id` of the image file) and files."""
 
     case_id: str
     image: Path
     label: Path
     datalist: Path
-
-
-def _case_id(path: Path) -> str:
-    name = path.name
-    for suffix in _SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 def read_datalist(path: str | os.PathLike, max_cases: int | None = None) -> tuple[list[CaseRef], str]:
@@ -81,7 +73,7 @@ def read_datalist(path: str | os.PathLike, max_cases: int | None = None) -> tupl
                     f"datalist {path}: '{key}' file {file} does not exist (section '{section}')"
                 )
             files[key] = file
-        case_id = _case_id(files["image"])
+        case_id = metrics_case_id(files["image"])
         if case_id in seen:
             case_id = f"{case_id}_{i}"
         seen.add(case_id)
