@@ -13,7 +13,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-__all__ = ["load_weights", "save_weights", "latest_checkpoint", "WeightsSaver"]
+__all__ = [
+    "load_weights", "save_weights", "latest_checkpoint", "prune_checkpoints", "BestMetricState", "resume_training",
+    "WeightsSaver",
+]
 
 
 def load_weights(network: nn.Module, path: str | os.PathLike, key: str = "model", strict: bool = True) -> nn.Module:
@@ -53,20 +56,126 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -
     """The newest resumable checkpoint in ``ckpt_dir`` written by MONAI's ``CheckpointSaver`` with
     ``file_prefix=prefix`` (``<prefix>_checkpoint_epoch=N.pt`` → highest N; else ``<prefix>_final.pt``),
     or ``None`` when there is none (a fresh start)."""
-    import re
-
     folder = Path(ckpt_dir)
     if not folder.is_dir():
         return None
-    epochs = []
-    for path in folder.glob(f"{prefix}_*epoch=*.pt"):
-        match = re.search(r"epoch=(\d+)", path.name)
-        if match:
-            epochs.append((int(match.group(1)), path))
+    epochs = _epoch_checkpoints(folder, prefix)
     if epochs:
-        return str(max(epochs)[1])
+        return str(epochs[-1][1])
     final = folder / f"{prefix}_final.pt"
     return str(final) if final.is_file() else None
+
+
+def _epoch_checkpoints(folder: Path, prefix: str) -> list[tuple[int, Path]]:
+    """``(N, path)`` of every ``<prefix>_*epoch=N.pt`` in ``folder``, oldest first."""
+    import re
+
+    found = []
+    for path in folder.glob(f"{prefix}_*epoch=*.pt"):
+        match = re.search(r"epoch=(\d+)\.pt$", path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def prune_checkpoints(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint", keep: int = 1) -> list[Path]:
+    """Delete all but the ``keep`` newest ``<prefix>_checkpoint_epoch=N.pt`` in ``ckpt_dir``; return the
+    deleted paths.
+
+    Why: ignite's ``Checkpoint`` (inside MONAI's ``CheckpointSaver``) only deletes the files it wrote in
+    the current process, so the files of a run that was interrupted and resumed would stay forever.
+    """
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep: expected an integer >= 1, got {keep!r}")
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return []
+    stale = [path for _, path in _epoch_checkpoints(folder, prefix)[:-keep]]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+class BestMetricState:
+    """The best key metric of a MONAI workflow (``state.best_metric``, ``state.best_metric_epoch``) as an
+    object with ``state_dict`` / ``load_state_dict``, so it goes into a resumable checkpoint's ``save_dict``
+    next to the model, optimizer and trainer.
+
+    Why: MONAI's ``SupervisedEvaluator`` starts with ``best_metric = -1, best_metric_epoch = -1``; a resumed
+    run that did not restore them counts its first validation as a new best, whatever its value, and every
+    ``when="best"`` saver (:class:`WeightsSaver`, ``CheckpointSaver(save_key_metric=True)``) then replaces
+    the better weights. ``{"validator": BestMetricState(@validate#evaluator)}`` in both the saver's
+    ``save_dict`` and the resume ``load_dict`` prevents that. The values are a float and an int, so the
+    checkpoint still loads with ``torch.load(..., weights_only=True)``.
+    """
+
+    def __init__(self, engine) -> None:
+        if not hasattr(getattr(engine, "state", None), "best_metric"):
+            raise ValueError(f"engine: expected a MONAI workflow with a key metric, got {type(engine).__name__}")
+        self.engine = engine
+
+    def state_dict(self) -> dict:
+        state = self.engine.state
+        best = state.best_metric
+        best = float(best.item() if isinstance(best, torch.Tensor) else best)
+        return {"best_metric": best, "best_metric_epoch": int(state.best_metric_epoch)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict) or {"best_metric", "best_metric_epoch"} - set(state_dict):
+            raise ValueError(f"state_dict: expected keys best_metric and best_metric_epoch, got {state_dict!r}")
+        self.engine.state.best_metric = float(state_dict["best_metric"])
+        self.engine.state.best_metric_epoch = int(state_dict["best_metric_epoch"])
+
+
+def _is_rank0() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+
+def resume_training(trainer, ckpt_dir: str | os.PathLike, load_dict: dict, prefix: str = "checkpoint",
+                    keep: int | None = None) -> str | None:
+    """Continue an interrupted training run from the newest ``<prefix>_checkpoint_epoch=N.pt`` in ``ckpt_dir``.
+
+    Attaches MONAI's ``CheckpointLoader`` (``weights_only`` load, at the trainer's ``STARTED``) for
+    ``load_dict`` — model, optimizer, trainer, scheduler and, with a :class:`BestMetricState`, the
+    validator's best metric, so a worse first validation after the resume does not replace ``model.pt``.
+    A checkpoint written before the best metric was saved lacks that entry: it is skipped with a warning.
+    With ``keep`` (the saver's ``n_saved``), the trainer also deletes, after every epoch, the older
+    resumable checkpoints beyond the ``keep`` newest (:func:`prune_checkpoints`; rank 0 only). Returns the
+    checkpoint's path, or ``None`` (no loader attached) when ``ckpt_dir`` holds no checkpoint yet.
+    """
+    import warnings
+
+    from ignite.engine import Events
+    from monai.handlers import CheckpointLoader
+
+    if keep is not None:
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep: expected an integer >= 1, got {keep!r}")
+
+        def _prune(_engine) -> None:
+            if _is_rank0():
+                prune_checkpoints(ckpt_dir, prefix, keep)
+
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, _prune)
+    path = latest_checkpoint(ckpt_dir, prefix)
+    if path is None:
+        return None
+    load_dict = dict(load_dict)
+    optional = [k for k, v in load_dict.items() if isinstance(v, BestMetricState)]
+    if optional:
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"checkpoint {path}: cannot be read as a PyTorch checkpoint "
+                             f"({type(err).__name__}: {err})") from err
+        for key in optional:
+            if not isinstance(stored, dict) or key not in stored:
+                warnings.warn(f"checkpoint {path}: no '{key}' best metric stored (written by an older version); "
+                              "the first validation after the resume counts as the best so far", stacklevel=2)
+                load_dict.pop(key)
+    CheckpointLoader(load_path=path, load_dict=load_dict, map_location="cpu").attach(trainer)
+    return path
 
 
 class WeightsSaver:
@@ -114,8 +223,7 @@ class WeightsSaver:
                 raise ValueError("engine: WeightsSaver(when='best') needs a MONAI workflow with a key metric")
             if best_epoch != engine.state.epoch:
                 return
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        if not _is_rank0():
             return
         network = self.network
         if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)):

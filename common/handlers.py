@@ -123,16 +123,13 @@ class DistillationIteration(_ObjectiveIteration):
         return self.loss(pred, soft), pred
 
 
-def resume_from_latest(trainer, ckpt_dir: str, load_dict: dict, prefix: str = "checkpoint") -> str | None:
+def resume_from_latest(trainer, ckpt_dir: str, load_dict: dict, prefix: str = "checkpoint",
+                       keep: int | None = None) -> str | None:
     """Attach a MONAI ``CheckpointLoader`` that restores ``load_dict`` (model, optimizer, trainer state,
-    scheduler ...) from the newest ``<prefix>_checkpoint_epoch=N.pt`` in ``ckpt_dir``, so an interrupted
-    training run continues at epoch N + 1 with its optimizer state. Returns the checkpoint's path, or
-    ``None`` (nothing attached) when the directory holds no checkpoint yet."""
-    from monai.handlers import CheckpointLoader
+    scheduler, the validator's best metric ...) from the newest ``<prefix>_checkpoint_epoch=N.pt`` in
+    ``ckpt_dir``, so an interrupted training run continues at epoch N + 1; with ``keep``, older resumable
+    checkpoints are pruned to that number. See :func:`common.checkpoint.resume_training`. Returns the
+    checkpoint's path, or ``None`` (nothing loaded) when the directory holds no checkpoint yet."""
+    from common.checkpoint import resume_training
 
-    from common.checkpoint import latest_checkpoint
-
-    path = latest_checkpoint(ckpt_dir, prefix)
-    if path is not None:
-        CheckpointLoader(load_path=path, load_dict=load_dict, map_location="cpu").attach(trainer)
-    return path
+    return resume_training(trainer, ckpt_dir, load_dict, prefix, keep)
