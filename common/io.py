@@ -4,19 +4,47 @@ A reader never sees a half-written CSV, JSON, PNG or checkpoint: content goes to
 the destination's own directory (same filesystem), is flushed and fsynced, then ``os.replace``-d over
 the destination. If anything raises before the replace, the temporary file is removed and the
 destination is left as it was.
+
+Temporaries carry the writing process's id (``.<name>.<pid>.*.tmp``, ``.staging-<pid>-*``), so a later
+run removes those of a killed process (:func:`clean_stale_temporaries`) and never a live writer's.
+A *report set* (:func:`write_report_set`) is staged whole, then moved in, and ``manifest.json`` (file
+names and SHA-256) is written last: a reader trusts a folder whose manifest matches
+(:func:`read_manifest`), so a kill during the move never passes a mix of old and new files as a report.
+This is the one module of the project that renames files into place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "staged_directory"]
+__all__ = [
+    "atomic_path",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_write_bytes",
+    "atomic_write_npz",
+    "atomic_torch_save",
+    "atomic_write_nifti",
+    "staged_directory",
+    "check_writable",
+    "clean_stale_temporaries",
+    "write_report_set",
+    "read_manifest",
+    "MANIFEST",
+]
+
+MANIFEST = "manifest.json"
+_TEMPORARY = re.compile(r"^\.(?:.+\.(\d+)\..*\.tmp|staging-(\d+)-.*)$")
 
 
 @contextlib.contextmanager
@@ -30,7 +58,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     umask = os.umask(0)
@@ -59,6 +87,22 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Pat
     return atomic_write_text(path, text)
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` (a PNG, a zip ...) to ``path`` atomically and return the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_npz(path: str | os.PathLike, arrays: dict[str, Any]) -> Path:
+    """``numpy.savez`` of ``arrays`` to ``path`` atomically (the exact name: no ``.npz`` is appended)."""
+    import numpy as np
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    return Path(path)
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` through :func:`atomic_path` (a checkpoint is never left truncated)."""
     import torch
@@ -82,7 +126,7 @@ def staged_directory(out_dir: str | os.PathLike, subdirs: tuple[str, ...] = ("im
     out_dir = Path(out_dir)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=out_dir))
     try:
         yield staging
         for sub in subdirs:
@@ -121,3 +165,129 @@ def atomic_write_nifti(path: str | os.PathLike, data: Any, affine: Any) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(payload)
     return Path(path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries (files and staging folders) that a killed process left in ``folder``.
+
+    Only names this module creates are touched, and only when the process id in the name is no longer
+    running. Returns the removed paths; a warning names each.
+    """
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = _TEMPORARY.match(entry.name)
+        if not match or _pid_alive(int(match.group(1) or match.group(2))):
+            continue
+        warnings.warn(f"removing a stale temporary left by a killed run: {entry}", stacklevel=2)
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def check_writable(folder: str | os.PathLike, min_free_bytes: int = 16 * 2**20) -> Path:
+    """Check, before any expensive work, that ``folder`` can be created and written and has room.
+
+    Creates ``folder`` if needed, writes and removes a probe file, removes stale temporaries
+    (:func:`clean_stale_temporaries`) and checks ``shutil.disk_usage`` against ``min_free_bytes``.
+    Raises ``OSError`` naming the folder.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".write-probe.{os.getpid()}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OSError(err.errno, f"output folder {folder} is not writable ({err.strerror or err})") from err
+    clean_stale_temporaries(folder)
+    free = shutil.disk_usage(folder).free
+    if free < min_free_bytes:
+        raise OSError(28, f"output folder {folder}: {free / 2**20:.1f} MiB free, need {min_free_bytes / 2**20:.1f} MiB")
+    return folder
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_report_set(out_dir: str | os.PathLike, files: dict[str, Any]) -> dict[str, Path]:
+    """Write a set of report files whole: stage every file, then move them in, then the manifest.
+
+    Args:
+        out_dir: destination folder (created if needed).
+        files: file name -> content: ``str`` (UTF-8 text), ``bytes``, or a callable ``writer(path)`` that
+            writes the file at ``path`` (``np.savez``, ``torch.save``, a renderer writing several files into
+            ``path``'s folder and returning their names).
+
+    Every file is written in a staging folder inside ``out_dir`` first; an error there (a full disk, a
+    renderer's error) leaves ``out_dir`` as it was. Then the old :data:`MANIFEST` is removed, each file
+    renamed into place, and the new manifest (names and SHA-256) written last, atomically. Returns the
+    paths of the written files (manifest excluded).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=out_dir))
+    try:
+        for name, content in files.items():
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, str):
+                target.write_text(content, encoding="utf-8")
+            elif isinstance(content, bytes):
+                target.write_bytes(content)
+            elif callable(content):
+                content(target)
+            else:
+                raise ValueError(f"files: {name!r} must be text, bytes or a writer(path), got {type(content).__name__}")
+        names = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+        for name in names:
+            with open(staging / name, "rb+") as fh:
+                os.fsync(fh.fileno())
+        manifest = {"files": {name: _sha256(staging / name) for name in names}}
+        (out_dir / MANIFEST).unlink(missing_ok=True)
+        for name in names:
+            (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / name, out_dir / name)
+        atomic_write_json(out_dir / MANIFEST, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {name: out_dir / name for name in names}
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict[str, str]:
+    """File name -> SHA-256 of a report set written by :func:`write_report_set`, checked against the files.
+
+    Raises ``ValueError`` naming the folder when the manifest is missing or a file does not match it
+    (a run killed while moving files in).
+    """
+    out_dir = Path(out_dir)
+    try:
+        files = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{out_dir}: no readable {MANIFEST}; the report set is incomplete") from err
+    for name, digest in files.items():
+        path = out_dir / name
+        if not path.is_file() or _sha256(path) != digest:
+            raise ValueError(f"{out_dir}: {name} does not match {MANIFEST}; the report set is incomplete")
+    return dict(files)
