@@ -1,7 +1,8 @@
 """Prepare the papers' 2D datasets from their native layouts (one sub-command per dataset).
 
     python -m scripts.prepare_2d_datasets jsrt --root /data/JSRT --scr_root /data/SCR --out_dir /data/jsrt_256
-    python -m scripts.prepare_2d_datasets jsrt --root /data/JSRT --out_dir /data/jsrt_cert --split random
+    python -m scripts.prepare_2d_datasets jsrt --root /data/JSRT --out_dir /data/jsrt_cert --split random \
+        --size 512 --target classes
     python -m scripts.prepare_2d_datasets montgomery --root /data/MontgomerySet --out_dir /data/montgomery
     python -m scripts.prepare_2d_datasets shenzhen --root /data/ChinaSet_AllFiles --out_dir /data/shenzhen
     python -m scripts.prepare_2d_datasets isbi2016 --root /data/ISBI2016 --out_dir /data/isbi2016
@@ -9,7 +10,9 @@
     python -m scripts.prepare_2d_datasets cvc --root /data/CVC-ClinicDB --out_dir /data/cvc --size None
 
 Each prints the path of the written ``datalist.json``. ``--size`` takes one integer, ``256,256`` or None
-(native grid); ``--help`` after a sub-command lists its options (the functions' docstrings in
+(native grid). JSRT's ``--target`` decides overlapping SCR masks: "lungs" (default, NLCEN: the lung
+labels are the union of the SCR lung masks) or "classes" (certification: clavicles > heart > lungs), see
+``common.data.chest_xray``. ``--help`` after a sub-command lists its options (the functions' docstrings in
 ``common.data.chest_xray``, ``common.data.dermoscopy`` and ``common.data.endoscopy``).
 """
 

@@ -4,6 +4,9 @@ on tiny fake files written in each native format: values, label codes, splits, d
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,7 @@ from common.data.chest_xray import (
     JSRTCase,
     find_jsrt_cases,
     jsrt_nlcen_split,
+    paint_chest_label,
     prepare_jsrt,
     prepare_montgomery,
     prepare_shenzhen,
@@ -25,6 +29,7 @@ from common.data.dermoscopy import prepare_isbi2016, prepare_isic2018
 from common.data.endoscopy import prepare_cvc_clinicdb
 from scripts.prepare_2d_datasets import main as cli_main
 
+ROOT = Path(__file__).resolve().parents[1]
 N = 64  # fake JSRT native side (the real one is 2048)
 M = N // 2  # SCR masks are half the image grid
 
@@ -57,10 +62,12 @@ def _scr_masks() -> dict[str, np.ndarray]:
     }
 
 
-def _expected_label() -> np.ndarray:
+def _expected_label(target: str = "lungs") -> np.ndarray:
+    """Hand-written painting orders: "lungs" puts the lungs last, "classes" the clavicles."""
+    lungs = (("left lung", 1), ("right lung", 2))
+    others = (("heart", 3), ("left clavicle", 4), ("right clavicle", 4))
     label = np.zeros((M, M), np.uint8)
-    codes = (("left lung", 1), ("right lung", 2), ("heart", 3), ("left clavicle", 4), ("right clavicle", 4))
-    for name, code in codes:
+    for name, code in (others + lungs if target == "lungs" else lungs + others):
         label[_scr_masks()[name] > 0] = code
     return label
 
@@ -129,7 +136,7 @@ def test_read_jsrt_image_rejects_wrong_size_and_byte_order(tmp_path):
 
 def test_prepare_jsrt_labels_resize_and_monai_alignment(tmp_path):
     root = _fake_jsrt(tmp_path / "jsrt", ["JPCLN001", "JPCLN002", "JPCNN001", "JPCNN002"])
-    # native SCR grid: labels exactly as painted (clavicles > heart > lungs), image area-averaged 2x2
+    # native SCR grid: labels exactly as painted (default target "lungs": lungs on top), image 2x2 area mean
     dl = prepare_jsrt(root, tmp_path / "out32", size=None, native_size=N, val_fraction=0.0)
     body = json.loads(Path(dl).read_text())
     assert body["labels"] == {
@@ -138,7 +145,8 @@ def test_prepare_jsrt_labels_resize_and_monai_alignment(tmp_path):
     assert body["split"]["rule"] == "odd_even"
     assert body["training"][0] == {"image": "imagesTr/JPCLN001.nii.gz", "label": "labelsTr/JPCLN001.nii.gz"}
     expected = _expected_label()
-    assert set(np.unique(expected)) == {0, 1, 2, 3, 4} and expected[5, 20] == 4 and expected[20, 12] == 3
+    assert set(np.unique(expected)) == {0, 1, 2, 3, 4} and expected[5, 20] == 1 and expected[20, 12] == 2
+    assert expected[3, 20] == 4 and expected[29, 15] == 3  # clavicle above the lungs, heart below them
     for d in _load(Path(dl), "training") + _load(Path(dl), "test"):
         case = Path(d["_entry"]["image"]).name.split(".")[0]
         seed = ["JPCLN001", "JPCLN002", "JPCNN001", "JPCNN002"].index(case)
@@ -154,6 +162,61 @@ def test_prepare_jsrt_labels_resize_and_monai_alignment(tmp_path):
     oracle = ((4095 - _raw(0).astype(np.float64)) / 4095).reshape(16, 4, 16, 4).mean(axis=(1, 3))
     np.testing.assert_allclose(d["image"][0].numpy(), oracle, atol=1e-6)
     np.testing.assert_allclose(np.asarray(d["image"].meta["pixdim"][1:3]), [0.175 * 2048 / 16] * 2, rtol=1e-6)
+
+
+def _bundle_preprocessing(bundle: str, size: int):
+    """The bundle's own ``deterministic_transforms`` (train.json) at ``size`` x ``size``."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundles" / bundle / "configs" / "train.json"))
+    parser["image_size"] = [size, size]
+    return Compose(parser.get_parsed_content("deterministic_transforms"))
+
+
+@pytest.mark.parametrize("target, bundle", [("lungs", "nlcen_lung"), ("classes", "certified_seg")])
+def test_cli_prepared_jsrt_through_bundle_preprocessing_keeps_overlaps(tmp_path, target, bundle):
+    """Done-when of the JSRT overlap fix: SCR masks that overlap (heart and clavicles over the lungs),
+    prepared by ``python -m scripts.prepare_2d_datasets jsrt`` and loaded through the bundle's own
+    preprocessing. NLCEN (He et al., AAAI 2019) scores the SCR lung fields: its label must be the union
+    of the two lung masks pixel for pixel. Certification (Laousy et al., MICCAI 2023): classes Lung,
+    Heart, Clavicles, one per pixel; the overlap rule (the paper names none) is the clavicles whole,
+    then the heart, then the lungs — written here as set algebra on the masks."""
+    root = _fake_jsrt(tmp_path / "jsrt", ["JPCLN001", "JPCLN002"])
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "scripts.prepare_2d_datasets", "jsrt", "--root", str(root), "--out_dir", str(out),
+           "--size", "None", "--native_size", str(N), "--val_fraction", "0", "--target", target]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    m = {name: mask > 0 for name, mask in _scr_masks().items()}
+    lungs = m["left lung"] | m["right lung"]
+    heart, clavicles = m["heart"], m["left clavicle"] | m["right clavicle"]
+    assert (lungs & heart).sum() > 0 and (lungs & clavicles).sum() > 0  # the case has overlaps
+    if target == "lungs":
+        expected = lungs.astype(np.int64)
+    else:
+        expected = np.zeros((M, M), np.int64)
+        expected[lungs & ~heart & ~clavicles] = 1
+        expected[heart & ~clavicles] = 2
+        expected[clavicles] = 3
+    assert json.loads((out / "datalist.json").read_text())["preprocessing"]["target"] == target
+    preprocess = _bundle_preprocessing(bundle, M)
+    entries = load_datalist(out / "datalist.json", "training") + load_datalist(out / "datalist.json", "test")
+    assert len(entries) == 2
+    for entry in entries:
+        label = preprocess(entry)["label"]
+        assert tuple(label.shape) == (1, M, M)
+        np.testing.assert_array_equal(label[0].numpy(), expected)
+
+
+def test_paint_chest_label_rejects_unknown_target_and_missing_structure():
+    masks = {name: mask > 0 for name, mask in _scr_masks().items()}
+    with pytest.raises(ValueError, match="target: expected one of"):
+        paint_chest_label(masks, "lung")
+    with pytest.raises(ValueError, match=r"masks: missing structures \['heart'\]"):
+        paint_chest_label({k: v for k, v in masks.items() if k != "heart"})
+    with pytest.raises(ValueError, match="target: expected one of"):
+        prepare_jsrt(ROOT / "nowhere", ROOT / "never", target="lung")  # checked before any file access
 
 
 def test_jsrt_nlcen_split_scr_folds_or_parity(tmp_path):

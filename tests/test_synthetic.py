@@ -70,12 +70,37 @@ def test_every_structure_present_for_20_seeds_at_minimum_size(kind):
         assert set(np.unique(label).tolist()) == classes, f"seed {seed}"
 
 
+def test_chest_targets_resolve_the_same_overlaps_as_prepared_jsrt():
+    """Both targets label the same anatomy (the image does not change). "lungs": codes 1 / 2 are the whole
+    lung shapes; "classes": clavicles > heart > lungs. With L, H, C the lung, heart and clavicle shapes,
+    "classes" gives 4 = C, 3 = H \\ C, {1, 2} = L \\ (H ∪ C) and "lungs" gives {1, 2} = L, {3, 4} = (H ∪ C) \\ L,
+    so "lungs"' lung pixels minus "classes"' heart and clavicles are "classes"' lung pixels, and
+    the overlaps are not empty (else no test could tell the rules apart)."""
+    lost = []
+    for size in ((32, 32), (96, 80)):
+        for seed in SEEDS:
+            image_l, by_lungs = chest_xray_phantom(size, seed=seed, target="lungs")
+            image_c, by_classes = chest_xray_phantom(size, seed=seed, target="classes")
+            np.testing.assert_array_equal(image_l, image_c)
+            lungs_l, lungs_c = np.isin(by_lungs, (1, 2)), np.isin(by_classes, (1, 2))
+            hc = np.isin(by_classes, (3, 4))
+            np.testing.assert_array_equal(lungs_c, lungs_l & ~hc)
+            np.testing.assert_array_equal(np.isin(by_lungs, (3, 4)), hc & ~lungs_l)
+            np.testing.assert_array_equal(np.where(lungs_c, by_classes, 0), np.where(lungs_c, by_lungs, 0))
+            assert (lungs_l & (by_classes == 3)).any(), f"seed {seed}: no heart over a lung"
+            lost.append(((lungs_l & hc).sum() / lungs_l.sum(), (lungs_l & (by_classes == 4)).any()))
+    assert min(f for f, _ in lost) > 0.01  # every case has lung pixels "classes" gives to heart / clavicles
+    assert np.mean([c for _, c in lost]) > 0.8  # and in most cases a clavicle crosses a lung apex
+    with pytest.raises(ValueError, match="target"):
+        chest_xray_phantom((32, 32), target="heart")
+
+
 def test_chest_sides_priority_and_intensities():
     """Radiological PA view: patient's left (label 1) on the image's right, i.e. columns > (W-1)/2."""
     for size in ((32, 32), (64, 48)):
         mid = (size[1] - 1) / 2
         for seed in SEEDS:
-            image, label = chest_xray_phantom(size, seed=seed)
+            image, label = chest_xray_phantom(size, seed=seed, target="classes")
             left, right, heart, clav = (_centroid(label == k) for k in (1, 2, 3, 4))
             assert left[1] > mid > right[1], f"seed {seed}: lungs on the wrong side"
             assert heart[1] > mid, f"seed {seed}: heart not on the patient's left"

@@ -26,6 +26,22 @@ the same layout as the chest phantom (``common.data.synthetic``); MONAI
 phantom's: 0 background, 1 left lung, 2 right lung, 3 heart, 4 clavicles ("left"/"right" as the releases
 name their folders, i.e. the patient's side; Shenzhen has one mask for both lungs, code 1 "lung").
 
+Overlapping SCR masks (``target``): the SCR lung, heart and clavicle masks overlap (clavicles over the lung
+apices, heart over the medial lower lung fields), and a class map holds one code per pixel, so the
+painting order decides which structure a shared pixel keeps (:func:`paint_chest_label`, the same rule
+for the chest phantom):
+
+- ``"lungs"`` (default; NLCEN, He et al., AAAI 2019, scores DIC and JSC on the SCR lung fields): heart,
+  clavicles, then the lungs on top, so codes {1, 2} are exactly the union of the SCR lung masks; heart
+  and clavicles keep only their pixels outside the lungs.
+- ``"classes"`` (certification, Laousy et al., MICCAI 2023: classes Lung, Heart, Clavicles with one
+  class per pixel, as randomized smoothing certifies one class per pixel): lungs, heart, then the
+  clavicles on top. The paper names the three classes but not an overlap rule; the smaller structure
+  wins, so the clavicles (its smallest class) are whole, the heart is whole except under a clavicle,
+  and the lung class is the lung fields without heart and clavicles. ``PAPER_CLASS_MAP`` maps the codes
+  to the paper's classes (``PAPER_CLASSES``: 0 background, 1 lung, 2 heart, 3 clavicles), as the
+  certified_seg bundle's ``label_map`` does.
+
 Intensity convention (JSRT): the raw words are digitised film values in which air (lung fields) is high
 and bone is low, so displaying them directly gives a negative; the reader returns ``(4095 - raw) / 4095``
 (``invert=True``, the usual radiograph look the chest phantom and the SCR overlays use: air dark, bone
@@ -40,7 +56,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,8 +82,13 @@ from common.validation import check_positive_int
 
 __all__ = [
     "CHEST_LABELS",
+    "CHEST_TARGETS",
+    "PAPER_CLASSES",
+    "PAPER_CLASS_MAP",
     "SCR_STRUCTURES",
+    "paint_chest_label",
     "JSRTCase",
+    "check_chest_target",
     "read_jsrt_image",
     "find_jsrt_cases",
     "jsrt_nlcen_split",
@@ -88,12 +109,46 @@ SCR_STRUCTURES: dict[str, int] = {
     "left clavicle": 4,
     "right clavicle": 4,
 }
-"""SCR folder name -> label code, in painting order: later structures win where masks overlap, so the
-priority is clavicles > heart > lungs > background (as in ``chest_xray_phantom``)."""
+"""SCR folder name -> label code (the order in which ``JSRTCase.masks`` lists the GIFs)."""
+CHEST_TARGETS: dict[str, tuple[str, ...]] = {
+    "lungs": ("heart", "left clavicle", "right clavicle", "left lung", "right lung"),
+    "classes": ("left lung", "right lung", "heart", "left clavicle", "right clavicle"),
+}
+"""Painting order per label target (later structures win where masks overlap), module docstring."""
+PAPER_CLASSES: dict[str, str] = {"0": "background", "1": "lung", "2": "heart", "3": "clavicles"}
+PAPER_CLASS_MAP: dict[int, int] = {1: 1, 2: 1, 3: 2, 4: 3}
+"""Chest code -> certification class (Laousy et al., MICCAI 2023: Lung, Heart, Clavicles)."""
 
 JSRT_MAX = 4095  # 12-bit
 JSRT_FOV_MM = 0.175 * 2048  # JSRT pixel size 0.175 mm on the 2048 grid
 MONTGOMERY_PIXEL_MM = 0.0875
+
+
+def check_chest_target(target: str) -> str:
+    """``target`` if it is one of ``CHEST_TARGETS``, else a ValueError naming the argument."""
+    if target not in CHEST_TARGETS:
+        raise ValueError(f"target: expected one of {sorted(CHEST_TARGETS)}, got {target!r}")
+    return target
+
+
+def paint_chest_label(masks: Mapping[str, np.ndarray], target: str = "lungs") -> np.ndarray:
+    """One uint8 class map (H, W) from binary structure masks, overlaps resolved by ``target``.
+
+    ``masks`` maps every ``SCR_STRUCTURES`` name to a boolean (H, W) array (the SCR GIFs, or the
+    phantom's shapes); codes as ``CHEST_LABELS``; painting order ``CHEST_TARGETS[target]`` (module
+    docstring: "lungs" keeps the union of the lung masks whole, "classes" the clavicles).
+    """
+    check_chest_target(target)
+    missing = [s for s in SCR_STRUCTURES if s not in masks]
+    if missing:
+        raise ValueError(f"masks: missing structures {missing}")
+    shapes = {np.shape(m) for m in masks.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"masks: structures differ in shape {sorted(shapes)}")
+    label = np.zeros(shapes.pop(), np.uint8)
+    for structure in CHEST_TARGETS[target]:
+        label[np.asarray(masks[structure], bool)] = SCR_STRUCTURES[structure]
+    return label
 
 
 # ----------------------------------------------------------------------------------------- JSRT + SCR
@@ -225,17 +280,20 @@ def jsrt_nlcen_split(cases: Sequence[JSRTCase]) -> tuple[dict[str, list[str]], s
     return {"training": train, "test": [c.case_id for c in cases if c.number % 2 == 0]}, "odd_even"
 
 
-def _jsrt_case(case: JSRTCase, size, native_size: int, invert: bool) -> tuple[np.ndarray, np.ndarray, tuple]:
+def _jsrt_case(
+    case: JSRTCase, size, native_size: int, invert: bool, target: str
+) -> tuple[np.ndarray, np.ndarray, tuple]:
     """Read, label and resize one JSRT case (image (H, W) float32, label (H, W) uint8, spacing mm)."""
     image = read_jsrt_image(case.image, native_size, invert)
-    label = None
-    for path, code in zip(case.masks, SCR_STRUCTURES.values()):
+    masks: dict[str, np.ndarray] = {}
+    for path, structure in zip(case.masks, SCR_STRUCTURES):
         mask = read_binary_mask(path)
-        if mask.shape[0] != mask.shape[1] or (label is not None and mask.shape != label.shape):
-            first = case.masks[0].name
-            raise ValueError(f"{path}: mask shape {mask.shape} is not square or differs from {first}'s")
-        label = np.zeros(mask.shape, np.uint8) if label is None else label
-        label[mask] = code
+        first = next(iter(masks.values()), mask)
+        if mask.shape[0] != mask.shape[1] or mask.shape != first.shape:
+            first_name = case.masks[0].name
+            raise ValueError(f"{path}: mask shape {mask.shape} is not square or differs from {first_name}'s")
+        masks[structure] = mask
+    label = paint_chest_label(masks, target)
     out = size or label.shape  # None: the SCR mask grid (1024 for the release)
     spacing = tuple(JSRT_FOV_MM / o for o in out)
     return resize_image(image[None], out)[0], resize_label(label, out), spacing
@@ -252,6 +310,7 @@ def prepare_jsrt(
     invert: bool = True,
     native_size: int = 2048,
     seed: int = 0,
+    target: str = "lungs",
 ) -> Path:
     """Prepare JSRT radiographs with SCR labels (lungs, heart, clavicles) for the chest bundles.
 
@@ -265,10 +324,14 @@ def prepare_jsrt(
             validation; 0 gives the paper's sets exactly) or "random" (certification paper: ``fractions``
             70 / 10 / 20 with ``seed``).
         invert: intensity convention, see :func:`read_jsrt_image`; ``native_size``: side of the raw files.
+        target: overlap rule, "lungs" (NLCEN: codes 1 / 2 = the whole SCR lung masks) or "classes"
+            (certification: clavicles > heart > lungs), see the module docstring; stored in the
+            datalist's "preprocessing".
 
-    Label codes: ``CHEST_LABELS``; both clavicles are 4; overlaps: clavicles > heart > lungs.
+    Label codes: ``CHEST_LABELS``; both clavicles are 4.
     Returns the datalist path; errors leave nothing behind (:func:`write_2d_dataset`).
     """
+    check_chest_target(target)
     spatial = check_size_2d(size)
     native_size = check_positive_int(native_size, "native_size")
     seed = check_seed(seed)
@@ -283,7 +346,7 @@ def prepare_jsrt(
     return write_2d_dataset(
         out_dir,
         parts,
-        lambda cid: _jsrt_case(cases[cid], spatial, native_size, bool(invert)),
+        lambda cid: _jsrt_case(cases[cid], spatial, native_size, bool(invert), target),
         "nifti",
         name="JSRT_SCR",
         description="JSRT radiographs (12-bit raw) with SCR lung, heart and clavicle masks",
@@ -297,6 +360,8 @@ def prepare_jsrt(
             "invert": bool(invert),
             "scale": "(4095 - raw) / 4095" if invert else "raw / 4095",
             "native_size": native_size,
+            "target": target,
+            "overlaps": " < ".join(CHEST_TARGETS[target]) + " (later wins)",
         },
     )
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from common.data.chest_xray import check_chest_target, paint_chest_label
 from common.data.datalist import split_cases, write_datalist
 from common.io import atomic_path
 from common.validation import check_positive_int
@@ -133,18 +134,23 @@ def _segment_distance(r: np.ndarray, c: np.ndarray, p0: np.ndarray, p1: np.ndarr
 
 
 # ------------------------------------------------------------------------------------------- 2D: chest
-def chest_xray_phantom(size: Sequence[int] = (256, 256), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def chest_xray_phantom(
+    size: Sequence[int] = (256, 256), seed: int = 0, target: str = "lungs"
+) -> tuple[np.ndarray, np.ndarray]:
     """Postero-anterior chest radiograph like JSRT with SCR-style organ labels.
 
     Returns ``image`` float32 (1, H, W) in [0, 1] (air dark, soft tissue and bone bright) and
     ``label`` int64 (H, W): 0 background, 1 left lung, 2 right lung, 3 heart, 4 clavicles.
     Orientation is the radiological one: row 0 is the top (apex), and the patient's LEFT is on the
     image's RIGHT, so the left lung (1) and most of the heart lie in columns > W/2, the right lung
-    (2) in columns < W/2. Overlaps are resolved with priority clavicles > heart > lungs > background
-    (the clavicles are drawn over the lung apices, the heart over the medial lower lungs), as in the
-    SCR annotation where each pixel has one class. The image has rib-like bands over the lungs, a
+    (2) in columns < W/2. The structures overlap like the SCR masks (clavicles over the lung apices,
+    heart over the medial lower lungs); ``target`` resolves the overlaps with the rule prepared JSRT
+    uses (:func:`common.data.chest_xray.paint_chest_label`): "lungs" (default, NLCEN) keeps every lung
+    pixel (codes 1 / 2 = the union of the lung shapes), "classes" (certification) puts clavicles >
+    heart > lungs. The image does not depend on ``target``. It has rib-like bands over the lungs, a
     spine shadow, a smooth multiplicative bias field, a seed-dependent gamma and Gaussian noise.
     """
+    check_chest_target(target)
     h, w = _check_size(size, 2, MIN_SIZE_2D)
     rng = np.random.default_rng(_check_seed(seed))
     r, c = _axes((h, w))
@@ -153,29 +159,30 @@ def chest_xray_phantom(size: Sequence[int] = (256, 256), seed: int = 0) -> tuple
     body_c = rng.normal(0.0, 0.02)
     body = _ellipse(r, c, (0.15, body_c), (1.25, rng.uniform(0.82, 0.94))) < 1.0
     lung_deform = _smooth_field(rng, (h, w), 5)
-    label = np.zeros((h, w), np.int64)
+    masks: dict[str, np.ndarray] = {}
     lungs = np.zeros((h, w), bool)
-    for value, side in ((1, 1.0), (2, -1.0)):  # side +1: image right = patient's left
+    for name, side in (("left lung", 1.0), ("right lung", -1.0)):  # side +1: image right = patient's left
         centre = (rng.uniform(-0.12, -0.02), side * rng.uniform(0.38, 0.48))
         semi = (rng.uniform(0.56, 0.66), rng.uniform(0.22, 0.30))
         angle, power = side * rng.uniform(0.0, 0.15), rng.uniform(2.2, 3.2)
         level = _ellipse(r, c, centre, semi, angle, power) / _deform(lung_deform, 0.08)
         lung = (level < 1.0) & (side * (c - body_c) > 0.06)
-        label[lung] = value
+        masks[name] = lung
         lungs |= lung
     heart_centre = (rng.uniform(0.25, 0.38), rng.uniform(0.06, 0.16))
     heart_semi = (rng.uniform(0.18, 0.24), rng.uniform(0.28, 0.34))
     heart_level = _ellipse(r, c, heart_centre, heart_semi, rng.uniform(-0.6, -0.3))
     heart_level = heart_level / _deform(_smooth_field(rng, (h, w), 4), 0.05)
     heart = heart_level < 1.0
-    label[heart] = 3
+    masks["heart"] = heart
     clavicles = np.zeros((h, w), bool)
-    for side in (1.0, -1.0):
+    for name, side in (("left clavicle", 1.0), ("right clavicle", -1.0)):
         medial = np.array([rng.uniform(-0.66, -0.56), side * rng.uniform(0.05, 0.12)])
         lateral = np.array([medial[0] - rng.uniform(0.02, 0.14), side * rng.uniform(0.62, 0.78)])
         half_width = max(rng.uniform(0.035, 0.05), 1.2 * px)
-        clavicles |= _segment_distance(r, c, medial, lateral) < half_width
-    label[clavicles] = 4
+        masks[name] = _segment_distance(r, c, medial, lateral) < half_width
+        clavicles |= masks[name]
+    label = paint_chest_label(masks, target).astype(np.int64)
 
     background, tissue, air = rng.uniform(0.02, 0.08), rng.uniform(0.55, 0.70), rng.uniform(0.12, 0.25)
     image = np.where(body, tissue, background)
@@ -449,7 +456,7 @@ PHANTOM_KINDS: dict[str, _Kind] = {
     "chest": _Kind(
         chest_xray_phantom, 2, (256, 256),
         {"0": "background", "1": "left lung", "2": "right lung", "3": "heart", "4": "clavicles"},
-        {"0": "X-ray"},
+        {"0": "X-ray"}, ("target",),
     ),
     "skin": _Kind(
         skin_lesion_phantom, 2, (256, 256), {"0": "background", "1": "lesion"},
@@ -551,7 +558,9 @@ def write_phantom_dataset(
     "validation" and "test" (split by ``split_cases(..., fractions, seed=seed)``, paths relative to
     ``out_dir``) and the keys "labels", "modality", "numTraining" (size of the training section),
     "name", "tensorImageSize" and "seed". ``kwargs`` go to the generator (``lesion=True`` for
-    "abdomen", which adds label 2). Returns the datalist's path. Layouts: see ``_write_case``.
+    "abdomen", which adds label 2; ``target="classes"`` for "chest", the certification overlap rule,
+    default "lungs", stored as the datalist's "target"). Returns the datalist's path. Layouts: see
+    ``_write_case``.
     """
     if not isinstance(kind, str) or kind not in PHANTOM_KINDS:
         raise ValueError(f"kind: expected one of {sorted(PHANTOM_KINDS)}, got {kind!r}")
@@ -581,6 +590,7 @@ def write_phantom_dataset(
     labels = dict(spec.labels)
     if kwargs.get("lesion"):
         labels["2"] = "liver lesion"
+    extra = {"target": kwargs.get("target", "lungs")} if kind == "chest" else {}
     return write_datalist(
         out_dir / "datalist.json",
         sections,
@@ -591,4 +601,5 @@ def write_phantom_dataset(
         tensorImageSize=f"{spec.ndim + (len(spec.modality) > 1)}D",
         numTraining=len(sections["training"]),
         seed=seed,
+        **extra,
     )
