@@ -203,12 +203,6 @@ def _output_handler_types() -> tuple[type, ...]:
     names = ("StatsHandler", "TensorBoardHandler", "CheckpointSaver", "MetricsSaver", "ClassificationSaver",
              "MLFlowHandler", "ClearMLHandler", "LogfileHandler")
     types = [getattr(mh, n) for n in names if hasattr(mh, n)]
-    try:
-        from common.advaug import MetricHistory
-
-        types.append(MetricHistory)
-    except ImportError:  # pragma: no cover - the module is part of this package
-        pass
     return (Checkpoint, BaseLogger, *types)
 
 
@@ -236,8 +230,9 @@ def rank0_handlers(handlers: Sequence[Any] | None, extra_types: Sequence[type] =
 
     Dropped off ranks > 0: handlers that only write — MONAI's ``StatsHandler``, TensorBoard handlers,
     ``CheckpointSaver``, ``MetricsSaver``, ``ClassificationSaver``, MLflow / ClearML, ignite checkpoints
-    and loggers (including ``ProgressBar``), ``common.advaug.MetricHistory``, any class named
-    ``*ProgressBar``, any object with ``main_process_only = True``, and ``extra_types``. Kept everywhere:
+    and loggers (including ``ProgressBar``), any class named ``*ProgressBar``, any object with
+    ``main_process_only = True`` (the project's own writers, e.g. ``common.handlers.MetricHistory``, declare
+    it: this module knows no domain class), and ``extra_types``. Kept everywhere:
     the rest (``ValidationHandler``, ``LrScheduleHandler``, early stopping ...), which must run on every
     rank. Identifying handlers by type rather than position keeps this right when handler lists change.
     """

@@ -18,7 +18,12 @@ accumulation are not supported by these iterations (CPU-first project); they rai
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import csv
+import io
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -26,10 +31,14 @@ from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
 from common.defenses import adversarial_objective, teacher_soft_labels, uniform_noise
+from common.io import atomic_write_text
 from common.losses import DistillationDiceLoss
 from common.validation import check_nonnegative, main_output
 
-__all__ = ["AdversarialTrainingIteration", "NoiseAugmentationIteration", "DistillationIteration"]
+__all__ = [
+    "AdversarialTrainingIteration", "NoiseAugmentationIteration", "DistillationIteration", "MetricHistory",
+    "resume_from_latest",
+]
 
 
 class _ObjectiveIteration:
@@ -133,3 +142,42 @@ def resume_from_latest(trainer, ckpt_dir: str, load_dict: dict, prefix: str = "c
     from common.checkpoint import resume_training
 
     return resume_training(trainer, ckpt_dir, load_dict, prefix, keep)
+
+
+class MetricHistory:
+    """Ignite handler for an evaluator: append its metrics after every run to a CSV (rewritten atomically).
+
+    Rows: ``epoch`` (the evaluator's ``state.epoch``, which MONAI's ``ValidationHandler`` sets to the
+    trainer's epoch) and one column per metric in ``metric_names`` (default: all). Table 1 of Pervin et
+    al., arXiv:2105.12106 (IoU over epochs) is assembled from these files by
+    :func:`common.reporting.advaug_tables.iou_over_epochs_table`. A new training run starting at epoch 1
+    starts a new file. It only writes, so :func:`common.distributed.rank0_handlers` keeps it on rank 0
+    alone (``main_process_only``).
+    """
+
+    main_process_only = True
+
+    def __init__(self, path: str | os.PathLike, metric_names: Sequence[str] | None = None) -> None:
+        self.path = Path(path)
+        self.metric_names = list(metric_names) if metric_names is not None else None
+        self.rows: list[dict[str, Any]] = []
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        metrics = engine.state.metrics
+        names = self.metric_names if self.metric_names is not None else sorted(metrics)
+        missing = [n for n in names if n not in metrics]
+        if missing:
+            raise ValueError(f"metric_names: {missing} not among the evaluator's metrics {sorted(metrics)}")
+        epoch = int(engine.state.epoch)
+        self.rows = [r for r in self.rows if r["epoch"] < epoch]
+        self.rows.append({"epoch": epoch, **{n: float(metrics[n]) for n in names}})
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["epoch", *names], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.path, buf.getvalue())

@@ -20,7 +20,8 @@ from pathlib import Path
 import fire
 import torch
 
-from common.advaug import augmented_name, iou_over_epochs_table, robustness_table
+from common.defenses.advaug import augmented_name
+from common.reporting.advaug_tables import iou_over_epochs_table, robustness_table
 from common.io import atomic_write_json, atomic_write_text
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "unet_advaug"

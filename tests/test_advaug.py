@@ -1,4 +1,6 @@
-"""common.advaug: FGSM / InvFGSM copies, offline files + datalist, online refresh, slices, tables."""
+"""Adversarial augmentation (common.defenses.advaug): FGSM / InvFGSM copies, offline files + datalist, online
+refresh; the slice set (common.data.slices), the metric history (common.handlers) and Tables 1-2
+(common.reporting.advaug_tables) of the unet_advaug bundle."""
 
 from __future__ import annotations
 
@@ -12,20 +14,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import advaug
-from common.advaug import (
+from common.data.slices import unwindow, volumes_to_slices
+from common.defenses import advaug
+from common.defenses.advaug import (
     AdversarialAugmentedDataset,
-    MetricHistory,
     OnlineAdversarialAugmentation,
     adversarial_examples,
     augmented_name,
-    iou_over_epochs_table,
-    robustness_table,
-    unwindow,
-    volumes_to_slices,
     write_adversarial_dataset,
-    write_nifti,
 )
+from common.handlers import MetricHistory
+from common.io import atomic_write_nifti as write_nifti
+from common.reporting.advaug_tables import iou_over_epochs_table, robustness_table
 from common.data.datalist import load_datalist, write_datalist
 
 WINDOW = (-100.0, 240.0, 0.0, 1.0)

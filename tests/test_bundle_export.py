@@ -116,7 +116,7 @@ def test_weights_are_packaged_as_model_state_dict_with_their_real_sha256(tmp_pat
     fields = dict(re.findall(r"^\s*-?\s*(\w+):\s*\"?([^\"\n]*)\"?\s*$", large_files, flags=re.M))
     assert fields["path"] == "models/model.pt" and fields["hash_type"] == "sha256"
     assert fields["hash_val"] == hashlib.sha256(data).hexdigest()
-    assert info["weights_included"] is True and "common.advaug" in info["vendored_modules"]
+    assert info["weights_included"] is True and "common.defenses.advaug" in info["vendored_modules"]
     assert info["commit"] is None or re.fullmatch(r"[0-9a-f]{40}", info["commit"])
 
 

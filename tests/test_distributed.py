@@ -31,7 +31,7 @@ from monai.handlers import (
 
 from bundle_run import BUNDLES, REPO, run_bundle
 from common import distributed
-from common.advaug import MetricHistory
+from common.handlers import MetricHistory
 from common.checkpoint import load_weights
 
 

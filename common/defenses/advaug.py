@@ -21,30 +21,29 @@ clipping, ‖x_aug − x‖∞ = ε exactly where ∇ₓL ≠ 0 and x_aug = x wh
 pixels pushed out of range are set to the bound (so |x_aug − x| ≤ ε there).
 
 Units: attacks run on the network's input (after the intensity transforms). Offline examples are written
-back in the source images' units (e.g. HU) through the inverse of the linear intensity window, so the
-augmented datalist goes through the very same transform chain as the original one.
+back in the source images' units (e.g. HU) through the inverse of the linear intensity window
+(:func:`common.data.slices.unwindow`), so the augmented datalist goes through the very same transform
+chain as the original one.
 
-Also here: :func:`volumes_to_slices` (the 2D lesion-slice set the bundle trains on) and
-:class:`MetricHistory` / :func:`iou_over_epochs_table` / :func:`robustness_table` (Tables 1 and 2 in shape).
+The bundle's 2D slice set comes from :func:`common.data.slices.volumes_to_slices`, its IoU-per-epoch
+history from :class:`common.handlers.MetricHistory`, and Tables 1 and 2 in shape from
+:mod:`common.reporting.advaug_tables`.
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from common.attacks import FGSM, Attack, InvFGSM
 from common.data.datalist import load_datalist, write_datalist
-from common.io import atomic_path
-from common.report import markdown_table, write_csv
+from common.data.slices import read_nifti, unwindow
+from common.io import atomic_write_nifti
 from common.validation import check_nonnegative, check_positive_int
 
 __all__ = [
@@ -53,15 +52,9 @@ __all__ = [
     "build_attacks",
     "adversarial_examples",
     "augmented_name",
-    "unwindow",
-    "write_nifti",
     "write_adversarial_dataset",
-    "volumes_to_slices",
     "AdversarialAugmentedDataset",
     "OnlineAdversarialAugmentation",
-    "MetricHistory",
-    "iou_over_epochs_table",
-    "robustness_table",
 ]
 
 #: method name -> attack class (FGSM: Eq. 1, loss up; InvFGSM: Eq. 2, loss down).
@@ -105,56 +98,7 @@ def augmented_name(methods: Sequence[str], eps: float) -> str:
     return f"advaug_{'+'.join(check_methods(methods))}_eps{check_nonnegative(eps, 'eps'):g}"
 
 
-def unwindow(x: np.ndarray, window: Sequence[float] | None) -> np.ndarray:
-    """Inverse of MONAI ``ScaleIntensityRange(a_min, a_max, b_min, b_max)``: network units → source units.
-
-    ``window = (a_min, a_max, b_min, b_max)``; ``None`` is the identity (images already in network units).
-    x_src = a_min + (x − b_min)·(a_max − a_min)/(b_max − b_min), in float32.
-    """
-    x = np.asarray(x, dtype=np.float32)
-    if window is None:
-        return x
-    if len(window) != 4 or window[3] == window[2] or window[1] == window[0]:
-        raise ValueError(
-            f"window: expected (a_min, a_max, b_min, b_max) with a_min != a_max, b_min != b_max, got {window}"
-        )
-    a_min, a_max, b_min, b_max = (float(v) for v in window)
-    return (a_min + (x - b_min) * ((a_max - a_min) / (b_max - b_min))).astype(np.float32)
-
-
 # ------------------------------------------------------------------------------------------ files
-def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray) -> Path:
-    """Gzipped NIfTI-1 written atomically and deterministically (gzip mtime 0: same data → same bytes).
-
-    Serialised in memory (``img.to_bytes()``) because nibabel picks the format from the file name and
-    :func:`common.io.atomic_path` names its temporary file ``.<name>.<random>.tmp``.
-    """
-    import nibabel as nib
-
-    img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
-    payload = gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(payload)
-    return Path(path)
-
-
-def _load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """(data, affine) of a NIfTI file, with a clear error for a missing or unreadable file."""
-    import nibabel as nib
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image: no such file {path}")
-    try:
-        img = nib.load(str(path))
-        return np.asanyarray(img.dataobj), img.affine
-    except Exception as err:  # nibabel's ImageFileError, gzip/zlib errors on truncated files
-        raise ValueError(f"image {path}: cannot be read as NIfTI ({type(err).__name__}: {err})") from err
-
-
 def _relative(path: str | os.PathLike, base: Path) -> str:
     return Path(os.path.relpath(Path(path).resolve(), base.resolve())).as_posix()
 
@@ -194,7 +138,7 @@ def write_adversarial_dataset(
             ``label`` → (1, H, W) tensors); it must not change the spatial shape, since the examples are
             written on the source grid.
         window: ``(a_min, a_max, b_min, b_max)`` of the chain's ``ScaleIntensityRanged``, to write the
-            examples back in source units (:func:`unwindow`); ``None`` writes network units.
+            examples back in source units (:func:`common.data.slices.unwindow`); ``None`` writes network units.
         seed: seeds torch before the attack pass (FGSM itself has no randomness; same seed, same bytes).
 
     Returns the augmented datalist's path. Every image is written atomically first and the datalist last
@@ -229,7 +173,7 @@ def write_adversarial_dataset(
             adv = adversarial_examples(network, x, y, methods, eps, loss, clip)
             for i in range(x.shape[0]):  # one file per image
                 entry = entries[start + i]
-                data, affine = _load_nifti(entry["image"])
+                data, affine = read_nifti(entry["image"])
                 for m in methods:
                     xa = adv[m][i].cpu().numpy()
                     if xa.shape[0] != 1 or xa.shape[1:] != data.shape[: xa.ndim - 1]:
@@ -238,7 +182,7 @@ def write_adversarial_dataset(
                             f"{data.shape}; it must keep the source grid and give one channel"
                         )
                     target = out_dir / f"{m}_{Path(entry['image']).name}"
-                    write_nifti(target, unwindow(xa[0], window).reshape(data.shape), affine)
+                    atomic_write_nifti(target, unwindow(xa[0], window).reshape(data.shape), affine)
                     new = _relative_entry(entry, base)
                     new["image"] = _relative(target, base)  # same keys as the originals: batches collate
                     new_entries[m].append(new)
@@ -261,95 +205,6 @@ def write_adversarial_dataset(
     if "numTraining" in meta and section == "training":
         meta["numTraining"] = len(sections[section])
     return write_datalist(base / f"{name}.json", sections, **meta)
-
-
-# ------------------------------------------------------------------------------------------ 3D -> 2D
-def volumes_to_slices(
-    datalist: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    label_value: int = 2,
-    axis: int = -1,
-    min_voxels: int = 1,
-    sections: Sequence[str] = ("training", "validation", "test"),
-    crop_size: Sequence[int] | None = None,
-    seed: int = 0,
-) -> Path:
-    """The 2D slice set of the bundle: every slice along ``axis`` through structure ``label_value``.
-
-    Reads each case of ``sections`` of a 3D datalist (NIfTI, one channel), keeps the slices holding at
-    least ``min_voxels`` voxels of ``label_value`` and writes ``out_dir/imagesTr/<case>_s<k>.nii.gz``
-    (source units and dtype, e.g. int16 HU) and ``out_dir/labelsTr/<case>_s<k>.nii.gz`` (uint8, 1 where
-    the label is ``label_value``, else 0), with the in-plane part of the source affine. Slices of a case
-    stay in that case's section (no slice of a test volume leaks into training). Writes
-    ``out_dir/datalist.json`` atomically last and returns its path.
-
-    ``crop_size`` (h, w) cuts each slice to a window around the structure: the window's centre is the
-    structure's in-plane centroid shifted by a uniform random offset of up to a quarter of the window
-    per axis (``seed``, per slice; so the structure is not always central), then moved inside the image.
-    It raises the lesion's share of the pixels (small-lesion class imbalance) and the training speed.
-    """
-    label_value = int(label_value)
-    min_voxels = check_positive_int(min_voxels, "min_voxels")
-    if crop_size is not None:
-        crop_size = tuple(check_positive_int(c, "crop_size") for c in crop_size)
-        if len(crop_size) != 2:
-            raise ValueError(f"crop_size: expected (h, w), got {crop_size}")
-    rng = np.random.default_rng(int(seed))
-    datalist, out_dir = Path(datalist), Path(out_dir)
-    result: dict[str, list[dict[str, str]]] = {}
-    for section in sections:
-        result[section] = []
-        for entry in load_datalist(datalist, section):
-            image, affine = _load_nifti(entry["image"])
-            label, _ = _load_nifti(entry["label"])
-            if image.ndim != 3 or label.shape != image.shape:
-                raise ValueError(
-                    f"datalist {datalist}: {entry['image']} {image.shape} and its label {label.shape} "
-                    "must be 3D volumes of the same shape"
-                )
-            ax = axis % 3
-            counts = np.moveaxis(label == label_value, ax, 0).reshape(image.shape[ax], -1).sum(1)
-            keep = np.flatnonzero(counts >= min_voxels)
-            if keep.size == 0:
-                continue
-            inplane = [a for a in range(3) if a != ax]
-            affine2d = np.eye(4)
-            affine2d[:3, :2] = affine[:3, inplane]
-            affine2d[:3, 3] = affine[:3, 3]
-            stem = Path(entry["image"]).name.split(".")[0]
-            images = np.take(np.asarray(image), keep, axis=ax)
-            labels = (np.take(np.asarray(label), keep, axis=ax) == label_value).astype(np.uint8)
-            for j, k in enumerate(keep):
-                name = f"{stem}_s{k:03d}.nii.gz"
-                im2, la2, aff = np.take(images, j, axis=ax), np.take(labels, j, axis=ax), affine2d
-                if crop_size is not None:
-                    im2, la2, aff = _crop(im2, la2, affine2d, crop_size, rng)
-                write_nifti(out_dir / "imagesTr" / name, im2, aff)
-                write_nifti(out_dir / "labelsTr" / name, la2, aff)
-                result[section].append({"image": f"imagesTr/{name}", "label": f"labelsTr/{name}"})
-    if not result.get("training"):
-        raise ValueError(f"datalist {datalist}: no training slice holds label {label_value}")
-    return write_datalist(
-        out_dir / "datalist.json", result, name="lesion_slices",
-        description=f"2D slices along axis {axis} through label {label_value} of {datalist.name}",
-        labels={"0": "background", "1": "lesion"}, tensorImageSize="2D",
-        numTraining=len(result["training"]),
-    )
-
-
-def _crop(
-    image: np.ndarray, label: np.ndarray, affine: np.ndarray, size: tuple[int, int], rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Crop (h, w) around the label's centroid with a random shift of up to size/4; the affine's origin
-    moves to the crop's first pixel."""
-    if any(s > n for s, n in zip(size, image.shape)):
-        raise ValueError(f"crop_size: {size} is larger than the slice {image.shape}")
-    centre = np.argwhere(label > 0).mean(axis=0) + rng.uniform(-0.25, 0.25, 2) * np.array(size)
-    start = np.clip(np.round(centre - np.array(size) / 2.0).astype(int), 0, np.array(image.shape) - size)
-    box = tuple(slice(a, a + s) for a, s in zip(start, size))
-    out = affine.copy()
-    out[:3, 3] = affine[:3, 3] + affine[:3, :2] @ start
-    return image[box], label[box], out
 
 
 # ------------------------------------------------------------------------------------------ online
@@ -449,86 +304,3 @@ class OnlineAdversarialAugmentation:
 
     def __call__(self, engine=None) -> None:
         self.dataset.refresh(self.network, self.eps, **self.kwargs)
-
-
-# ------------------------------------------------------------------------------------------ tables
-class MetricHistory:
-    """Ignite handler for an evaluator: append its metrics after every run to a CSV (rewritten atomically).
-
-    Rows: ``epoch`` (the evaluator's ``state.epoch``, which MONAI's ``ValidationHandler`` sets to the
-    trainer's epoch) and one column per metric in ``metric_names`` (default: all). Table 1 of the paper
-    (IoU over epochs) is assembled from these files by :func:`iou_over_epochs_table`. A new training run
-    starting at epoch 1 starts a new file.
-    """
-
-    def __init__(self, path: str | os.PathLike, metric_names: Sequence[str] | None = None) -> None:
-        self.path = Path(path)
-        self.metric_names = list(metric_names) if metric_names is not None else None
-        self.rows: list[dict[str, Any]] = []
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
-
-    def __call__(self, engine) -> None:
-        metrics = engine.state.metrics
-        names = self.metric_names if self.metric_names is not None else sorted(metrics)
-        missing = [n for n in names if n not in metrics]
-        if missing:
-            raise ValueError(f"metric_names: {missing} not among the evaluator's metrics {sorted(metrics)}")
-        epoch = int(engine.state.epoch)
-        self.rows = [r for r in self.rows if r["epoch"] < epoch]
-        self.rows.append({"epoch": epoch, **{n: float(metrics[n]) for n in names}})
-        write_csv(self.path, self.rows)
-
-
-def _read_history(path: Path, metric: str) -> dict[int, float]:
-    if not path.is_file():
-        raise FileNotFoundError(f"history: no such file {path}")
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows or metric not in rows[0]:
-        raise ValueError(f"history {path}: no column '{metric}'")
-    return {int(r["epoch"]): float(r[metric]) for r in rows}
-
-
-def iou_over_epochs_table(
-    histories: Mapping[str, str | os.PathLike], epochs: Sequence[int] | None = None,
-    metric: str = "val_mean_iou", digits: int = 4,
-) -> str:
-    """Table 1 in shape: one row per model (``histories``: name → :class:`MetricHistory` CSV), one column
-    per epoch in ``epochs`` (default every epoch recorded by all models) holding ``metric``."""
-    data = {name: _read_history(Path(p), metric) for name, p in histories.items()}
-    if not data:
-        raise ValueError("histories: empty")
-    if epochs is None:
-        epochs = sorted(set.intersection(*(set(d) for d in data.values())))
-    rows = [
-        {"model": n, **{f"e{e}": (f"{d[e]:.{digits}f}" if e in d else "-") for e in epochs}}
-        for n, d in data.items()
-    ]
-    headers = ["Model", *(f"epoch {e}" for e in epochs)]
-    return markdown_table(rows, ["model", *(f"e{e}" for e in epochs)], headers=headers)
-
-
-def robustness_table(
-    summaries: Mapping[str, Mapping[str, Any]], attack: str, metric: str = "jaccard_lesion", digits: int = 4,
-) -> str:
-    """Table 2 in shape: one row per model (``summaries``: name → RobustnessSweep ``summary.json`` dict),
-    one column per ε (ε = 0 is the clean row) holding the mean ``metric`` under ``attack``."""
-    rows, eps_all = [], None
-    for name, summary in summaries.items():
-        values = {}
-        for e in summary["entries"]:
-            if e["attack"] in ("clean", attack):
-                values[float(e["eps_display"])] = e["mean"].get(metric)
-        if len(values) < 2:
-            raise ValueError(f"summaries: {name!r} has no entries of attack {attack!r}")
-        eps_all = sorted(values) if eps_all is None else eps_all
-        cells = {f"{k:g}": ("-" if values.get(k) is None else f"{values[k]:.{digits}f}") for k in eps_all}
-        rows.append({"model": name, **cells})
-    if not rows:
-        raise ValueError("summaries: empty")
-    cols = [f"{k:g}" for k in eps_all]
-    return markdown_table(rows, ["model", *cols], headers=[f"Model ({attack}, ε →)", *cols])

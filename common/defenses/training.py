@@ -1,7 +1,8 @@
-"""Defences as plain PyTorch functions: adversarial training objectives, noise augmentation, distillation.
+"""Training-time defences as plain PyTorch functions: adversarial training objectives, noise augmentation, distillation.
 
 The training-loop glue that bundle configs instantiate lives in :mod:`common.handlers`; the adversarial
-data augmentation of Pervin et al., arXiv:2105.12106 (offline / online example generation) lives in :mod:`common.advaug`.
+data augmentation of Pervin et al., arXiv:2105.12106 (offline / online example generation) lives in
+:mod:`common.defenses.advaug`.
 
 Shapes: x (B, C, *spatial) float, y (B, 1, *spatial) integer labels; ``loss_fn(pred, y) -> scalar``.
 """

@@ -1,0 +1,1 @@
+"""Reporting: tables, plots and the paper-shaped tables built from the evaluation engine's rows."""
