@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.card import browser_check
+from helpers import browser_check
 from common.card.render import FILES, render_card
 
 CLASSES = ["liver", "tumour <&> core"]

@@ -24,7 +24,7 @@ from scipy.stats import norm, wilcoxon
 from statsmodels.stats.multitest import multipletests
 
 from common.attacks import IFGSM, inverted_target
-from common.card import browser_check
+from helpers import browser_check
 from common.card.bundle_reader import input_range_of, read_bundle
 from common.card.cases import CaseRef, load_case, read_datalist
 from common.card.parts import ALPHA_FACTOR, cert_part, part_generator

@@ -379,7 +379,7 @@ def check_page(
 
 
 def main(html_path: str, screenshot_path: str, chromium: str | None = None) -> int:
-    """Command line: print every message, exit 1 if any is an error (``python -m common.card.browser_check
+    """Command line: print every message, exit 1 if any is an error (``python -m tests.helpers.browser_check
     card.html shot.png``)."""
     messages, shot = check_page(html_path, screenshot_path, chromium=chromium)
     for m in messages:
@@ -393,5 +393,5 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) not in (3, 4):
-        raise SystemExit("usage: python -m common.card.browser_check PAGE.html SCREENSHOT.png [CHROMIUM]")
+        raise SystemExit("usage: python -m tests.helpers.browser_check PAGE.html SCREENSHOT.png [CHROMIUM]")
     raise SystemExit(main(*sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Helpers used only by the tests: ``browser_check`` (headless Chromium over the DevTools protocol)."""
