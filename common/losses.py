@@ -3,20 +3,26 @@
 - :class:`SoftDiceLoss`: the soft Dice loss of Eq. 5–6 in Liu et al., J. Digit. Imaging 2021 (the BraTS robustness paper),
   background (class 0) excluded, as used to craft FGSM / i-FGSM / ti-FGSM.
 - :func:`temperature_softmax` and :class:`DistillationDiceLoss`: Eq. 4 and Eq. 7 (defensive distillation).
-- :func:`resolve_loss`: turns ``"ce"``, ``"dice"``, ``"dicece"`` or a callable into ``(logits, y) -> scalar``.
+- :class:`SegmentationLoss`: the attack losses with a per-image value and optional per-pixel weights —
+  CE, soft Dice, Dice + CE and the SEA losses of Croce, Singh, Hein, ECCV 2024 (masked CE, class-balanced
+  masked CE, Jensen–Shannon divergence to the one-hot label), for softmax networks and, channel by
+  channel in binary form, for sigmoid multi-label networks.
+- :func:`resolve_loss`: turns a name of :data:`LOSS_NAMES` or a callable into ``(logits, y) -> scalar``.
 
 Shapes: logits (B, K, *spatial) with K ≥ 2 (softmax) or K = 1 (binary, sigmoid); labels are integer maps
-(B, 1, *spatial).
+(B, 1, *spatial). Sigmoid multi-label networks (``output="sigmoid"``, K independent channels) take a
+K-channel binary mask (B, K, *spatial).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.losses import DiceCELoss, DiceLoss
+from monai.losses import DiceLoss
 
 __all__ = [
     "SoftDiceLoss",
@@ -24,10 +30,17 @@ __all__ = [
     "temperature_softmax",
     "cross_entropy",
     "resolve_loss",
+    "SegmentationLoss",
     "LOSS_NAMES",
+    "OUTPUTS",
+    "pack_bits",
+    "unpack_bits",
 ]
 
-LOSS_NAMES = ("ce", "dice", "dicece")
+LOSS_NAMES = ("ce", "dice", "dicece", "masked_ce", "balanced_masked_ce", "js")
+#: how logits become probabilities: "auto" (softmax for K ≥ 2, sigmoid for K = 1), "softmax", "sigmoid" (K
+#: independent binary channels).
+OUTPUTS = ("auto", "softmax", "sigmoid")
 
 
 def temperature_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -138,28 +151,172 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y[:, 0].long())
 
 
-class _DiceCE(nn.Module):
-    """Cross-entropy + soft Dice (background excluded) — MONAI's ``DiceCELoss`` on integer labels."""
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A K-channel binary mask (B, K, *spatial) as one integer map (B, 1, *spatial): bit k is channel k.
 
-    def __init__(self) -> None:
+    Lets a multi-label target travel where a one-channel label map is expected (e.g. the windows of
+    :class:`common.sliding_window.SlidingWindowForward`); :func:`unpack_bits` inverts it."""
+    weights = (2 ** torch.arange(mask.shape[1], device=mask.device)).view(1, -1, *([1] * (mask.ndim - 2)))
+    return (mask.long() * weights).sum(1, keepdim=True)
+
+
+def unpack_bits(packed: torch.Tensor, channels: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: (B, 1, *spatial) integers -> (B, channels, *spatial) 0/1 (long)."""
+    bits = 2 ** torch.arange(channels, device=packed.device).view(1, -1, *([1] * (packed.ndim - 2)))
+    return (packed.long() // bits) % 2
+
+
+def _js_to_one_hot(p_true: torch.Tensor) -> torch.Tensor:
+    """Jensen–Shannon divergence JS(p ‖ e_y) (natural log) as a function of p_y alone:
+
+    with m = (p + e_y) / 2, KL(p ‖ m) = (1 − p_y) log 2 + p_y log(2 p_y / (1 + p_y)) and
+    KL(e_y ‖ m) = −log((1 + p_y) / 2); JS is half their sum (0 when p_y = 1, log 2 when p_y = 0)."""
+    kl_pm = (1 - p_true) * math.log(2.0) + torch.xlogy(p_true, 2 * p_true / (1 + p_true))
+    kl_ym = -torch.log((1 + p_true) / 2)
+    return 0.5 * (kl_pm + kl_ym)
+
+
+class SegmentationLoss(nn.Module):
+    """An attack loss with a per-image value and optional per-pixel weights.
+
+    Names (``name``), per pixel (or per channel and pixel for sigmoid networks), reduced per image:
+
+    - ``"ce"``: cross-entropy, mean over pixels (binary CE for a sigmoid channel).
+    - ``"masked_ce"``: CE of the pixels still classified correctly only, summed and divided by the number
+      of pixels (SEA's Mask-CE, Croce, Singh, Hein, ECCV 2024): pixels already fooled stop pulling.
+    - ``"balanced_masked_ce"``: masked CE with every class weighted equally: (1/|C|) Σ_{c∈C} (1/n_c)
+      Σ_{i: y_i = c, correct} CE_i, C the classes present in the image, n_c their pixel counts.
+    - ``"js"``: Jensen–Shannon divergence between the predicted distribution and the one-hot label,
+      mean over pixels (SEA's JS loss; bounded by log 2, saturates for pixels already fooled).
+    - ``"dice"``: soft Dice loss; softmax: :class:`SoftDiceLoss` (Eq. 5–6 of Liu et al., J. Digit. Imaging
+      2021, background excluded, γ = 1e-5), equal to it in value; sigmoid: 1 − mean over channels of
+      (2 Σ p y + γ) / (Σ p + Σ y + γ).
+    - ``"dicece"``: CE + Dice as MONAI's ``DiceCELoss`` (softmax: background excluded from the Dice term).
+
+    ``output``: ``"auto"`` (softmax over K ≥ 2 channels; a single channel is one sigmoid, i.e. the
+    two-class distribution [1 − p, p]), ``"softmax"`` or ``"sigmoid"`` (K independent binary channels,
+    each loss in its binary form and averaged over channels). Labels: an integer map (B, 1, *spatial), or
+    for ``"sigmoid"`` a K-channel 0/1 mask (a one-channel integer map is read as :func:`pack_bits`).
+
+    ``per_image(logits, y, weight)`` returns (B,) values; ``weight`` (B, *spatial) — or (B, K, *spatial)
+    for sigmoid — multiplies every pixel's term (SegPGD, CosPGD); for Dice it weights every pixel's share
+    of the intersection and of the sums. ``forward(logits, y)`` is the batch mean of ``per_image``.
+    """
+
+    def __init__(self, name: str = "ce", output: str = "auto", gamma: float = 1e-5) -> None:
         super().__init__()
-        self.softmax_loss = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
-        self.sigmoid_loss = DiceCELoss(sigmoid=True)
+        if name not in LOSS_NAMES:
+            raise ValueError(f"loss: expected one of {LOSS_NAMES} or a callable, got {name!r}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
+        if not gamma > 0:
+            raise ValueError(f"gamma: must be > 0, got {gamma}")
+        self.name, self.output, self.gamma = name, output, float(gamma)
+        self.__name__ = name
+
+    def mode(self, logits: torch.Tensor) -> str:
+        """``"softmax"`` or ``"sigmoid"`` for these logits."""
+        if self.output == "auto":
+            return "softmax" if logits.shape[1] > 1 else "sigmoid"
+        if self.output == "softmax" and logits.shape[1] < 2:
+            raise ValueError(f"output: softmax needs at least 2 channels, the network gives {logits.shape[1]}")
+        return self.output
+
+    def binary_labels(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The (B, K, *spatial) 0/1 targets of a sigmoid network (from a mask or packed bits)."""
+        k = logits.shape[1]
+        if y.shape[1] == k:
+            return y.to(logits.dtype)
+        if y.shape[1] == 1:
+            return unpack_bits(y, k).to(logits.dtype)
+        raise ValueError(f"y: {y.shape[1]} label channels for a sigmoid network with {k} channels")
+
+    def pixel_terms(self, logits: torch.Tensor, y: torch.Tensor):
+        """``(log_p_true, correct)``: the log-probability of the true class and whether the prediction is
+        right, per pixel (B, *spatial) for softmax or per channel and pixel (B, K, *spatial) for sigmoid."""
+        if self.mode(logits) == "softmax":
+            logp = torch.log_softmax(logits, dim=1)
+            labels = y[:, :1].long()
+            log_p_true = logp.gather(1, labels)[:, 0]
+            correct = logits.argmax(1) == labels[:, 0]
+            return log_p_true, correct
+        t = self.binary_labels(logits, y)
+        log_p_true = torch.where(t > 0.5, F.logsigmoid(logits), F.logsigmoid(-logits))
+        correct = (logits > 0) == (t > 0.5)
+        return log_p_true, correct
+
+    def per_image(self, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        if self.name == "dice":
+            return self._dice(logits, y, weight, paper=True)
+        if self.name == "dicece":
+            return self._per_pixel("ce", logits, y, weight) + self._dice(logits, y, weight, paper=False)
+        return self._per_pixel(self.name, logits, y, weight)
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if logits.shape[1] == 1:
-            return self.sigmoid_loss(logits, y.to(logits.dtype))
-        return self.softmax_loss(logits, y.long())
+        return self.per_image(logits, y).mean()
+
+    def _per_pixel(self, name: str, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        log_p_true, correct = self.pixel_terms(logits, y)
+        w = torch.ones_like(log_p_true) if weight is None else weight.to(log_p_true.dtype).expand_as(log_p_true)
+        ce = -log_p_true
+        if name == "ce":
+            term = ce
+        elif name == "masked_ce":
+            term = ce * correct.to(ce.dtype)
+        elif name == "js":
+            term = _js_to_one_hot(log_p_true.exp())
+        else:  # balanced_masked_ce
+            return self._balanced(ce * correct.to(ce.dtype) * w, logits, y)
+        return (term * w).flatten(1).mean(1)
+
+    def _balanced(self, masked: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(1/|C|) Σ_c (1/n_c) Σ_{y_i = c} masked_i per image (sigmoid: per channel, then channel mean)."""
+        if self.mode(logits) == "softmax":
+            labels = y[:, 0].long()
+            onehot = F.one_hot(labels, logits.shape[1]).movedim(-1, 1).to(masked.dtype)  # (B, K, *sp)
+            sums = (onehot * masked[:, None]).flatten(2).sum(2)  # (B, K)
+            counts = onehot.flatten(2).sum(2)
+            present = counts > 0
+            per_class = torch.where(present, sums / counts.clamp_min(1), torch.zeros_like(sums))
+            return per_class.sum(1) / present.sum(1)
+        t = self.binary_labels(logits, y)
+        per_class = []
+        for value in (t, 1 - t):  # class 1 and class 0 of every channel
+            count = value.flatten(2).sum(2)  # (B, K)
+            total = (value * masked).flatten(2).sum(2)
+            per_class.append((torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total)), count > 0))
+        num = per_class[0][0] + per_class[1][0]
+        den = per_class[0][1].to(num.dtype) + per_class[1][1].to(num.dtype)
+        return (num / den).mean(1)
+
+    def _dice(self, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, paper: bool) -> torch.Tensor:
+        """Soft Dice loss per image over the foreground channels (see the class docstring)."""
+        g = self.gamma
+        if self.mode(logits) == "softmax" or (self.output == "auto" and paper):
+            probs = _probabilities(logits)
+            onehot = F.one_hot(y[:, 0].long(), probs.shape[1]).movedim(-1, 1).to(probs.dtype)
+            w = 1.0 if weight is None else weight.to(probs.dtype)[:, None]
+            p, t = probs[:, 1:], onehot[:, 1:]
+            n = probs.shape[1]
+        else:
+            p, t = torch.sigmoid(logits), self.binary_labels(logits, y)
+            w = 1.0 if weight is None else weight.to(p.dtype).expand_as(p)
+            n = None
+        inter = (w * p * t).flatten(2).sum(2)
+        denom = (w * p).flatten(2).sum(2) + (w * t).flatten(2).sum(2)
+        dice = ((2 * inter + g) / (denom + g)).mean(1)  # mean over foreground channels (MONAI's L_M = 1 - this)
+        if paper and n is not None:
+            return 1 - (n - 1) / n * dice
+        return 1 - dice
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, output={self.output!r}"
 
 
-def resolve_loss(loss: str | Callable) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``"ce"`` | ``"dice"`` (:class:`SoftDiceLoss`) | ``"dicece"`` | a callable ``(logits, y) -> scalar``."""
+def resolve_loss(loss: str | Callable, output: str = "auto") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A name of :data:`LOSS_NAMES` (:class:`SegmentationLoss`) or a callable ``(logits, y) -> scalar``."""
     if callable(loss):
         return loss
-    if loss == "ce":
-        return cross_entropy
-    if loss == "dice":
-        return SoftDiceLoss()
-    if loss == "dicece":
-        return _DiceCE()
-    raise ValueError(f"loss: expected one of {LOSS_NAMES} or a callable, got {loss!r}")
+    if not isinstance(loss, str) or loss not in LOSS_NAMES:
+        raise ValueError(f"loss: expected one of {LOSS_NAMES} or a callable, got {loss!r}")
+    return SegmentationLoss(loss, output=output)
