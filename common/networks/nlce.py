@@ -25,6 +25,8 @@ from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Conv, Norm
 from torch import nn
 
+from common.networks.export_guard import checks_enabled
+
 __all__ = ["NonLocalBlock", "ContextEncoding", "NLCE", "encode_residuals"]
 
 
@@ -50,6 +52,13 @@ def _positive(value: int, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
     return value
+
+
+def _tokens(f: torch.Tensor) -> torch.Tensor:
+    """(B, C', *spatial) -> (B, 1, N, C'), contiguous: PyTorch's fused CPU attention kernel needs 4-D
+    inputs with unit stride in C'; other layouts silently fall back to the math kernel that
+    materialises the N x N matrix."""
+    return f.flatten(2).transpose(1, 2).contiguous().unsqueeze(1)
 
 
 class NonLocalBlock(nn.Module):
@@ -87,15 +96,12 @@ class NonLocalBlock(nn.Module):
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """The non-local response y of Eq. 2, shape (B, C', *spatial), via SDPA with ``scale=1``."""
-        _check_features(x, self.spatial_dims, self.in_channels)
-        b, spatial = x.shape[0], x.shape[2:]
-        # (B, 1, N, C'), contiguous: PyTorch's fused CPU kernel needs 4-D inputs with unit stride in C';
-        # other layouts silently fall back to the math kernel that materialises the N x N matrix.
-        q, k, v = (
-            f(x).flatten(2).transpose(1, 2).contiguous().unsqueeze(1) for f in (self.theta, self.phi, self.g)
-        )
+        if not torch.jit.is_scripting():  # Python-only checks: not compiled, traced or exported
+            if checks_enabled():
+                _check_features(x, self.spatial_dims, self.in_channels)
+        q, k, v = _tokens(self.theta(x)), _tokens(self.phi(x)), _tokens(self.g(x))
         y = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # embedded Gaussian: no 1/sqrt(C')
-        return y.squeeze(1).transpose(1, 2).reshape(b, self.inter_channels, *spatial)
+        return y.squeeze(1).transpose(1, 2).unflatten(2, x.shape[2:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """z = W_z y + x, shape (B, C, *spatial)."""
@@ -161,7 +167,9 @@ class ContextEncoding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Global context e, shape (B, C'')."""
-        _check_features(x, self.spatial_dims, self.in_channels)
+        if not torch.jit.is_scripting():  # Python-only checks: not compiled, traced or exported
+            if checks_enabled():
+                _check_features(x, self.spatial_dims, self.in_channels)
         z = self.proj(x).flatten(2).transpose(1, 2)  # (B, N, C'')
         e_k = encode_residuals(z, self.codewords, self.smoothing)  # (B, K, C'')
         return F.relu(self.norm(e_k)).sum(1)
@@ -210,9 +218,11 @@ class NLCE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """F_z ⊗ gamma, shape (B, C, *spatial)."""
-        _check_features(x, self.spatial_dims, self.in_channels)
+        if not torch.jit.is_scripting():  # Python-only checks: not compiled, traced or exported
+            if checks_enabled():
+                _check_features(x, self.spatial_dims, self.in_channels)
         fz = self.nl(x) if self.nl is not None else x
         if self.ce is None:
             return fz
         gamma = torch.sigmoid(self.gate(self.ce(fz)))  # (B, C)
-        return fz * gamma.reshape(*gamma.shape, *([1] * self.spatial_dims))
+        return fz * gamma.reshape(list(gamma.shape) + [1] * self.spatial_dims)

@@ -8,6 +8,7 @@ Attacks", AAAI 2019: sections "Non-Local Context Encoding Network" (architecture
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from monai.networks.nets.resnet import ResNetBottleneck, resnet18, resnet50
 from torch import nn
 
 from common.networks.nlce import NLCE
+from common.networks.export_guard import checks_enabled
 from common.validation import check_image, check_nonnegative
 
 __all__ = ["NLCEN", "NLCENLoss", "add_nlce_to_unet", "UNetWithNLCE"]
@@ -140,39 +142,43 @@ class NLCEN(nn.Module):
         """E2..E5 (after NLCE), strides 4, 8, 16, 32."""
         net = self.backbone
         h = net.maxpool(net.act(net.bn1(net.conv1(x))))
-        features = []
-        for i, layer in enumerate((net.layer1, net.layer2, net.layer3, net.layer4)):
-            h = layer(h)
-            features.append(self.nlce[i](h) if self.nlce is not None else h)
+        e2 = net.layer1(h)
+        e3 = net.layer2(e2)
+        e4 = net.layer3(e3)
+        features = [e2, e3, e4, net.layer4(e4)]
+        if self.nlce is not None:
+            features = [nlce(features[i]) for i, nlce in enumerate(self.nlce)]
         return features
 
     def _pyramid(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """P2..P5 (``fpn_channels`` each) by the FPN top-down pathway."""
-        p = self.lateral[3](features[3])
+        lateral = [conv(features[i]) for i, conv in enumerate(self.lateral)]
+        p = lateral[3]
         pyramid = [p]
-        for i in (2, 1, 0):
-            p = self.lateral[i](features[i]) + F.interpolate(p, size=features[i].shape[2:], mode="nearest")
+        for i in range(2, -1, -1):
+            p = lateral[i] + F.interpolate(p, size=lateral[i].shape[2:], mode="nearest")
             pyramid.insert(0, p)
         return pyramid
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, list[torch.Tensor]]:  # noqa: UP007 (TorchScript)
         """Refined logits (eval) or [refined, P2..P5 predictions] (training), each (B, out, H, W)."""
-        self._check_input(x)
+        if not torch.jit.is_scripting():  # Python-only checks: not compiled, traced or exported
+            if checks_enabled():
+                self._check_input(x)
         size = x.shape[2:]
         pyramid = self._pyramid(self._encode(x))
         p2_size = pyramid[0].shape[2:]
-        refined = [
-            F.interpolate(block(p), size=p2_size, mode="bilinear", align_corners=False) if i else block(p)
-            for i, (block, p) in enumerate(zip(self.refine, pyramid))
-        ]
+        refined: list[torch.Tensor] = []
+        for i, block in enumerate(self.refine):
+            r = block(pyramid[i])
+            refined.append(F.interpolate(r, size=p2_size, mode="bilinear", align_corners=False) if i > 0 else r)
         out = F.interpolate(self.fuse(torch.cat(refined, 1)), size=size, mode="bilinear", align_corners=False)
         if not self.training:
             return out
-        coarse = [
-            F.interpolate(head(p), size=size, mode="bilinear", align_corners=False)
-            for head, p in zip(self.heads, pyramid)
-        ]
-        return [out, *coarse]
+        outputs = [out]
+        for i, head in enumerate(self.heads):
+            outputs.append(F.interpolate(head(pyramid[i]), size=size, mode="bilinear", align_corners=False))
+        return outputs
 
 
 class NLCENLoss(nn.Module):

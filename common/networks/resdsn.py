@@ -47,6 +47,7 @@ import torch.nn as nn
 from monai.losses import DeepSupervisionLoss
 from monai.networks.blocks import Convolution, ResidualUnit
 
+from common.networks.export_guard import checks_enabled
 from common.validation import check_image, check_nonnegative
 
 __all__ = ["ResDSN", "ResDSNLoss", "RESIDUAL_MODES"]
@@ -159,7 +160,9 @@ class ResDSN(nn.Module):
         return up + enc if self.long_residual else up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        self._check_input(x)
+        if not torch.jit.is_scripting():  # Python-only checks: not compiled, traced or exported
+            if checks_enabled():
+                self._check_input(x)
         e1 = self.conv1(x)
         e2 = self.conv2(self.pool(e1))
         e3 = self.conv3(self.pool(e2))

@@ -35,6 +35,7 @@ import torch
 from monai.networks.blocks import Convolution, UpSample
 from torch import nn
 
+from common.networks.export_guard import checks_enabled
 from common.validation import check_image, check_positive_int, main_output
 
 __all__ = [
@@ -78,6 +79,14 @@ def _conv_block(
         dropout=dropout,
         dropout_dim=spatial_dims,
     )
+
+
+@torch.jit.interface
+class _Block(nn.Module):
+    """A module ``Tensor -> Tensor``: lets TorchScript index a ``ModuleList`` with a loop variable."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Sequential's name)
+        pass
 
 
 class ContextBlock(nn.Module):
@@ -218,17 +227,28 @@ class UNetBraTS(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, in_channels, *S) → logits (B, out_channels, *S)."""
-        self._check_input(x)
+        if not torch.jit.is_scripting():  # Python-only checks: not compiled, traced or exported
+            if checks_enabled():
+                self._check_input(x)
         skips = []
         for block in self.encoder:
             x = block(x)
             skips.append(x)
-        seg = None
+        seg = torch.zeros(0)  # no segmentation layer yet (TorchScript needs one type: no None)
         for lv in range(self.depth - 2, -1, -1):
-            x = self.localisation[lv](torch.cat([skips[lv], self.up[lv](x)], dim=1))
+            if torch.jit.is_scripting():  # ModuleList[variable] compiles through the _Block interface
+                up: _Block = self.up[lv]
+                localisation: _Block = self.localisation[lv]
+                x = localisation.forward(torch.cat([skips[lv], up.forward(x)], dim=1))
+            else:  # eager: call the modules, so that their hooks run
+                x = self.localisation[lv](torch.cat([skips[lv], self.up[lv](x)], dim=1))
             if lv < self.seg_levels:
-                s = self.segmentation[lv](x)
-                seg = s if seg is None else self.seg_upsample(seg) + s
+                if torch.jit.is_scripting():
+                    head: _Block = self.segmentation[lv]
+                    s = head.forward(x)
+                else:
+                    s = self.segmentation[lv](x)
+                seg = s if seg.numel() == 0 else self.seg_upsample(seg) + s
         return seg
 
 
@@ -250,13 +270,21 @@ class SliceWise2D(nn.Module):
         self.slice_batch_size = check_positive_int(slice_batch_size, "slice_batch_size")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_image(x, "x", spatial_dims=(3,))
-        b, c, h, w, d = x.shape
+        if not torch.jit.is_scripting():  # Python-only checks: not compiled, traced or exported
+            if checks_enabled():
+                check_image(x, "x", spatial_dims=(3,))
+        b, c, h, w, d = x.shape[0], x.shape[1], x.shape[2], x.shape[3], x.shape[4]
         slices = x.permute(0, 4, 1, 2, 3).reshape(b * d, c, h, w)
-        chunks = slices.split(self.slice_batch_size)
-        out = torch.cat([main_output(self.net2d(chunk)) for chunk in chunks], dim=0)
-        if out.ndim != 4 or out.shape[0] != b * d or out.shape[2:] != (h, w):
-            raise ValueError(f"net2d: expected logits (N, K, {h}, {w}) for slices, got {tuple(out.shape)}")
+        outs: list[torch.Tensor] = []
+        for chunk in slices.split(self.slice_batch_size):
+            if torch.jit.is_scripting():  # a scripted net2d has one output type: the logits in eval mode
+                outs.append(self.net2d(chunk))
+            else:
+                outs.append(main_output(self.net2d(chunk)))
+        out = torch.cat(outs, dim=0)
+        if not torch.jit.is_scripting():
+            if checks_enabled() and (out.ndim != 4 or out.shape[0] != b * d or out.shape[2:] != (h, w)):
+                raise ValueError(f"net2d: expected logits (N, K, {h}, {w}) for slices, got {tuple(out.shape)}")
         return out.reshape(b, d, out.shape[1], h, w).permute(0, 2, 3, 4, 1)
 
 
