@@ -1,47 +1,82 @@
-"""Read any MONAI bundle's inference config into what a robustness card needs (issue #9).
+"""Read any MONAI bundle's inference config into what a robustness card needs (issues #9, #15).
 
-:func:`read_bundle` parses ``configs/<config>`` with MONAI's ``ConfigParser`` and ``configs/metadata.json``
-and returns a :class:`Bundle`: the network of ``network_def`` with its checkpoint loaded
-(``weights_only``), a differentiable ``forward(x) -> logits`` built from the config's ``inferer``, the
-class names of the first output's ``channel_def``, the preprocessing extended to the label, and the
-intensity range of the network input. The bundle needs to know nothing about this project.
+:func:`read_bundle` parses ``configs/<config>`` (JSON or YAML) with MONAI's ``ConfigParser`` and
+``configs/metadata.json`` and returns a :class:`Bundle`. The bundle needs to know nothing about this
+project: the model zoo's configs are read as their authors wrote them.
+
+The :class:`Bundle` the card runner consumes:
+
+============================ ===========================================================================
+field                        meaning
+============================ ===========================================================================
+``forward``                  differentiable ``x (B, C_in, *spatial) -> logits (B, K, *spatial)`` in
+                             network-input units: the deployed pipeline (inferer + network), autograd
+                             through it (:mod:`common.card.forwards`)
+``output``                   ``"softmax"`` (K mutually exclusive classes, channel 0 the background) or
+                             ``"sigmoid"`` (K independent binary channels, e.g. BraTS TC / WT / ET)
+``output_source``            where ``output`` was told (the option, the postprocessing, the default)
+``num_classes``              K, the output channels of ``metadata.json`` (first output's
+                             ``num_channels`` / ``channel_def``)
+``class_names``              K names from ``channel_def``
+``foreground_names``         the names scored: softmax: all but channel 0; sigmoid: all K
+``channel_labels``           per output channel, the label-file values that stand for it: softmax: the
+                             values mapped to class k (disjoint); sigmoid: the values inside region k
+                             (may overlap, ``((1, 4), (1, 2, 4), (4,))`` for BraTS TC, WT, ET). Default:
+                             softmax value k -> class k; sigmoid value k + 1 -> channel k (or a label
+                             file that already has K binary channels)
+``label_values``             ``channel_labels`` when given by the user, else ``None`` (as passed)
+``preprocessing``            the config's preprocessing, rewritten to also prepare ``"label"``
+                             (:mod:`common.card.label_transforms`); called on
+                             ``{"image": file or files, "label": file}``
+``label_pipeline``           one line per preprocessing transform: what it does to the label
+``input_range``              :class:`InputRange`, the unit of ε and σ and the attack clip range
+``inferer``                  description: ``type``, ``key``, ``roi_size``, ``overlap``, ``mode``,
+                             ``sw_batch_size``, ``sigma_scale``, ``padding_mode``, ``cval``, ``slice_dim``
+``network`` / ``network_target``  the ``network_def`` module (eval mode, on ``device``) and its target
+``checkpoint`` / ``checkpoint_sha256`` / ``extra_checkpoints``  the weights loaded (see below)
+``root``, ``name``, ``version``, ``display_name``, ``config_path``, ``device``, ``overrides``, ``notes``
+============================ ===========================================================================
 
 Choices, and why:
 
-- **Inferer → forward.** ``SimpleInferer`` → the network. ``SlidingWindowInferer`` (and subclasses) →
-  :class:`common.sliding_window.SlidingWindowForward` with the same ``roi_size``, ``overlap``, blend
-  ``mode`` and ``sw_batch_size`` (``"exact"`` gradients, autograd through the stitched volume). A plain
-  callable ``inferer(x, network)`` (a ``$lambda`` in the config) is called as it is; any other MONAI
-  ``Inferer`` is refused, since its gradients cannot be guaranteed. Whether the forward returns
-  differentiable logits with one channel per declared class is checked on the first case
-  (:func:`check_forward`).
+- **Config.** ``inference.json``; if absent, ``inference.yaml`` / ``inference.yml``. While the config is
+  parsed and its objects built, the bundle root is first on ``sys.path`` and any ``scripts`` package
+  already imported (this project has one) is set aside, so ``$import scripts.x`` and ``_target_:
+  scripts.x.Y`` find the bundle's own ``scripts/`` as ``monai.bundle run`` does; afterwards ``sys.path``
+  and ``sys.modules`` are restored.
+- **Inferer → forward** (the config key ``inferer``, or the one the user names). ``SimpleInferer`` →
+  the network; ``SlidingWindowInferer`` and subclasses → MONAI's sliding window with all the
+  inferer's settings (any blend mode, ``sigma_scale``, padding mode, ``cval``); ``SliceInferer`` → the
+  2D network on the slices moved into the batch; any other inferer, or a callable
+  ``inferer(x, network)``, is used as it is. The config's ``sw_device`` / ``device`` are replaced by the
+  card's device (a note says so). :func:`check_forward` checks on the first case that the forward
+  returns differentiable logits with one channel per declared output.
+- **Output kind.** The ``output`` option; else the postprocessing: ``Activationsd(sigmoid=True)`` or an
+  ``AsDiscreted`` with a ``threshold`` and no ``argmax`` → sigmoid, ``Activationsd(softmax=True)`` or
+  ``AsDiscreted(argmax=True)`` → softmax; else softmax for K ≥ 2 and sigmoid for K = 1.
 - **Checkpoint.** ``ckpt`` if given; else the config's ``checkpoint`` key; else the ``load_path`` of a
-  ``CheckpointLoader`` in the config; else ``models/model.pt`` (the model-zoo layout). When none of
-  these exists but the inferer is a custom callable and the config names other checkpoint files (keys
-  ending in ``_checkpoint``, e.g. a coarse and a fine stage), the inferer loads its own weights and
-  those files are reported instead.
-- **Label preprocessing.** Zoo preprocessing usually names only ``"image"``. The label must go through
-  the same geometry (loading, channel-first, orientation, spacing, resizing, cropping, padding) but not
-  through intensity transforms. So the config's transform list is rewritten before it is instantiated:
-  every dictionary transform on ``"image"`` that is not an intensity transform (``monai.transforms.
-  intensity``) gets ``"label"`` added to its ``keys``, and, where it interpolates, ``"nearest"`` as the
-  label's ``mode``. Re-instantiating from the config (rather than mutating built transforms) keeps
-  MONAI's per-key argument handling intact.
+  ``CheckpointLoader`` in the config; else ``models/model.pt`` (the model-zoo layout). The file is read
+  with ``torch.load(weights_only=True)`` and may hold a bare state dict, ``{"model": ...}`` or
+  ``{"state_dict": ...}``. When none exists but the inferer is a custom callable and the config names
+  other checkpoint files (keys ending in ``_checkpoint``, e.g. a coarse and a fine stage), the inferer
+  loads its own weights and those files are reported instead.
 - **Input range** (the unit of ε and σ): the last ``ScaleIntensityRanged`` (``b_min``..``b_max``),
   ``ScaleIntensityRangePercentilesd`` (``b_min``..``b_max``), ``ScaleIntensityd`` (``minv``..``maxv``) or
   ``NormalizeIntensityd`` (z-units) on the image; attacks clip to that range when the transform
   guarantees it. Otherwise (z-units, no recognised transform, or an intensity transform after it) the
   range is measured on the cases and the card says so.
+
+Whatever cannot be read raises one line naming the file and the key.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import hashlib
-import inspect
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,21 +84,18 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from common.checkpoint import load_weights
-from common.sliding_window import SlidingWindowForward
-from common.validation import main_output
+from common.card.forwards import NetworkForward, SliceForward, WindowForward, device_note
+from common.card.label_transforms import IMAGE, INTERPOLATION_MODES, extend_to_label, follow_reference
 
 __all__ = [
     "Bundle", "InputRange", "read_bundle", "check_forward", "input_range_of", "sha256_file",
-    "INTERPOLATION_MODES",
+    "bundle_imports", "INTERPOLATION_MODES", "OUTPUTS",
 ]
 
-#: interpolation modes (torch / MONAI names, spline orders) that a label must not go through
-INTERPOLATION_MODES = {
-    "bilinear", "trilinear", "bicubic", "linear", "area", "nearest-exact", "1", "2", "3", "4", "5",
-}
-_LABEL = "label"
-_IMAGE = "image"
+#: the output kinds of a segmentation network
+OUTPUTS = ("softmax", "sigmoid")
+_IMAGE = IMAGE
+_CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 
 
 @dataclass
@@ -81,8 +113,7 @@ class InputRange:
 
 @dataclass
 class Bundle:
-    """A parsed bundle: everything the card runner needs. ``forward(x)`` takes (B, C, *spatial) input in
-    network-input units and returns logits (B, K, *spatial)."""
+    """A parsed bundle: everything the card runner needs (fields: see the module docstring)."""
 
     root: Path
     name: str
@@ -104,11 +135,16 @@ class Bundle:
     overrides: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     label_values: tuple[tuple[int, ...], ...] | None = None
+    output: str = "softmax"
+    output_source: str = "default"
+    channel_labels: tuple[tuple[int, ...], ...] = ()
+    label_pipeline: list[str] = field(default_factory=list)
 
     @property
     def foreground_names(self) -> list[str]:
-        """Names of the classes scored by Dice (every class but the background, channel 0)."""
-        return self.class_names[1:]
+        """Names of the channels scored by Dice: softmax: every class but the background (channel 0);
+        sigmoid: every channel."""
+        return list(self.class_names) if self.output == "sigmoid" else self.class_names[1:]
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -121,12 +157,36 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 # ------------------------------------------------------------------------------------------ parsing
-def _config_path(root: Path, config: str | os.PathLike) -> Path:
-    path = Path(config)
-    for candidate in (path, root / "configs" / path, root / path):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"config: no such file {root / 'configs' / path}")
+def _config_path(root: Path, config: str | os.PathLike | None) -> Path:
+    names = _CONFIG_NAMES if config is None or str(config) == _CONFIG_NAMES[0] else (str(config),)
+    for name in names:
+        path = Path(name)
+        for candidate in (path, root / "configs" / path, root / path):
+            if candidate.is_file():
+                return candidate
+    tried = " or ".join(str(root / "configs" / n) for n in names)
+    raise FileNotFoundError(f"config: no such file {tried}")
+
+
+@contextlib.contextmanager
+def bundle_imports(root: Path) -> Iterator[None]:
+    """Import the bundle's own ``scripts`` package (see the module docstring), then restore."""
+    saved = {k: m for k, m in sys.modules.items() if k == "scripts" or k.startswith("scripts.")}
+    own = (root / "scripts").is_dir()
+    if own:
+        for k in saved:
+            del sys.modules[k]
+    entry = str(root.resolve())
+    sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(entry)
+        if own:
+            for k in [k for k in sys.modules if k == "scripts" or k.startswith("scripts.")]:
+                del sys.modules[k]
+            sys.modules.update(saved)
 
 
 def _metadata(root: Path) -> dict[str, Any]:
@@ -141,10 +201,10 @@ def _metadata(root: Path) -> dict[str, Any]:
 
 
 def _classes(meta: Mapping[str, Any], path: Path) -> tuple[int, list[str]]:
-    """K and the K class names from ``network_data_format.outputs.<first>.channel_def`` (or num_channels)."""
+    """K and the K channel names from ``network_data_format.outputs.<first>.channel_def`` (or num_channels)."""
     outputs = (meta.get("network_data_format") or {}).get("outputs") or {}
     if not outputs:
-        raise ValueError(f"metadata {path}: no key 'network_data_format.outputs' (the label channels)")
+        raise ValueError(f"metadata {path}: no key 'network_data_format.outputs' (the output channels)")
     key, spec = next(iter(outputs.items()))
     where = f"metadata {path}: 'network_data_format.outputs.{key}"
     channel_def = spec.get("channel_def") or {}
@@ -153,10 +213,8 @@ def _classes(meta: Mapping[str, Any], path: Path) -> tuple[int, list[str]]:
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}.channel_def' keys must be integers") from err
     num = spec.get("num_channels", max(indices, default=-1) + 1)
-    if isinstance(num, bool) or not isinstance(num, int) or num < 2:
-        raise ValueError(
-            f"{where}.num_channels' must be an integer >= 2 (softmax logits, one per class), got {num!r}"
-        )
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise ValueError(f"{where}.num_channels' must be an integer >= 1, got {num!r}")
     if indices and (min(indices) < 0 or max(indices) >= num):
         raise ValueError(f"{where}.channel_def' has channels outside 0..{num - 1}")
     names = [indices.get(c, str(c)) for c in range(num)]
@@ -172,7 +230,8 @@ def _parser(config_path: Path, meta_path: Path, root: Path, overrides: Mapping[s
     try:
         parser.read_config(str(config_path))
     except Exception as err:
-        raise ValueError(f"config {config_path}: cannot be read ({type(err).__name__}: {err})") from err
+        msg = " ".join(str(err).split())[:300]
+        raise ValueError(f"config {config_path}: cannot be read ({type(err).__name__}: {msg})") from err
     parser.read_meta(str(meta_path))
     parser["bundle_root"] = str(root)
     for key, value in overrides.items():
@@ -200,68 +259,67 @@ def _target_name(parser, key: str, obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
+def _output_kind(parser, config_path: Path, option: str | None, num: int) -> tuple[str, str]:
+    """``(output, where it was told)`` (see the module docstring)."""
+    if option is not None:
+        if option not in OUTPUTS:
+            raise ValueError(f"output: expected one of {OUTPUTS}, got {option!r}")
+        return option, "option"
+    post_id = follow_reference(parser, "postprocessing") if "postprocessing" in parser else None
+    post = parser.get(post_id) if post_id else None
+    for target in ("Activationsd", "Activations", "AsDiscreted", "AsDiscrete"):
+        for key in _find_targets(post, target, post_id or ""):
+            def setting(name: str) -> Any:
+                return _parsed(parser, f"{key}#{name}", config_path) if name in parser.get(key) else None
+
+            where = f"postprocessing {target} of {config_path.name}"
+            if target.startswith("Activations"):
+                if setting("sigmoid") is True:
+                    return "sigmoid", f"{where} (sigmoid=True)"
+                if setting("softmax") is True:
+                    return "softmax", f"{where} (softmax=True)"
+            elif setting("argmax") is True:
+                return "softmax", f"{where} (argmax=True)"
+            elif setting("threshold") is not None:
+                return "sigmoid", f"{where} (threshold without argmax)"
+    if num == 1:
+        return "sigmoid", "one output channel (no activation in the postprocessing)"
+    return "softmax", "default (no activation in the postprocessing)"
+
+
+def _channel_labels(
+    values: Sequence[int | Sequence[int]] | None, num: int, output: str, meta_path: Path
+) -> tuple[tuple[int, ...], ...] | None:
+    """``label_values`` checked and normalised (see :class:`Bundle`'s ``channel_labels``)."""
+    if values is None:
+        return None
+    given = values
+
+    def is_value(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        values = None
+    else:
+        values = tuple((v,) if is_value(v) else tuple(v) if isinstance(v, Sequence) and not isinstance(v, str)
+                       and v and all(map(is_value, v)) else () for v in values)
+    if not values or not all(values):
+        raise ValueError(
+            "label_values: expected, per output channel, an integer >= 0 or a non-empty list of them, got "
+            f"{given!r}"
+        )
+    flat = [v for group in values for v in group]
+    if output == "softmax" and len(set(flat)) != len(flat):
+        raise ValueError(
+            f"label_values: with softmax outputs each label value stands for one class, got {given!r} "
+            "(overlapping regions need output='sigmoid')"
+        )
+    if len(values) != num:
+        raise ValueError(f"label_values: {len(values)} entries for the {num} output channels declared in {meta_path}")
+    return values
+
+
 # ---------------------------------------------------------------------------------- preprocessing
-def _follow(parser, key: str) -> str:
-    """Follow ``"@other"`` references of a config entry to the id that holds its content."""
-    for _ in range(32):
-        raw = parser.get(key)
-        if isinstance(raw, str) and raw.startswith("@"):
-            key = raw[1:].replace("::", "#")
-        else:
-            return key
-    raise ValueError(f"config: reference cycle at '{key}'")
-
-
-def _transform_list_id(parser, config_path: Path) -> str:
-    """The config id of the preprocessing's list of transforms (a ``Compose``'s ``transforms`` or a list)."""
-    if "preprocessing" not in parser:
-        raise ValueError(f"config {config_path}: no key 'preprocessing' (the transforms that load the image)")
-    key = _follow(parser, "preprocessing")
-    raw = parser.get(key)
-    if isinstance(raw, Mapping) and "transforms" in raw:
-        key = _follow(parser, f"{key}#transforms")
-        raw = parser.get(key)
-    if not isinstance(raw, list):
-        raise ValueError(f"config {config_path}: key 'preprocessing' must be a Compose or a transform list")
-    return key
-
-
-def _interpolates(mode: Any) -> bool:
-    return str(getattr(mode, "value", mode)).lower() in INTERPOLATION_MODES
-
-
-def _extend_to_label(parser, config_path: Path) -> None:
-    """Rewrite the preprocessing config in place so that every geometric dictionary transform on the
-    image also transforms the label (nearest-neighbour where it interpolates); see the module docstring."""
-    from monai.transforms import MapTransform
-
-    list_id = _transform_list_id(parser, config_path)
-    n_items = len(parser.get(list_id))
-    for i in range(n_items):
-        item_id = f"{list_id}#{i}"
-        item = _parsed(parser, item_id, config_path)
-        if not isinstance(item, MapTransform):
-            continue
-        keys = [str(k) for k in item.keys]
-        intensity = type(item).__module__.startswith("monai.transforms.intensity")
-        if _IMAGE not in keys or _LABEL in keys or intensity:
-            continue
-        raw = copy.deepcopy(parser.get(item_id))
-        if not isinstance(raw, dict):
-            continue
-        raw["keys"] = [*keys, _LABEL]
-        params = inspect.signature(type(item).__init__).parameters
-        if "mode" in params:
-            modes = getattr(item, "mode", None)
-            if modes is None:
-                modes = params["mode"].default
-            modes = list(modes) if isinstance(modes, (list, tuple)) else [modes] * len(keys)
-            modes = [getattr(m, "value", m) for m in modes][: len(keys)]
-            image_mode = modes[keys.index(_IMAGE)]
-            raw["mode"] = [*modes, "nearest" if _interpolates(image_mode) else image_mode]
-        parser[item_id] = raw
-
-
 def _walk(transform: Any) -> list[Any]:
     """The flat list of transforms inside (nested) ``Compose`` objects."""
     inner = getattr(transform, "transforms", None)
@@ -346,17 +404,59 @@ def _find_targets(node: Any, target: str, prefix: str = "") -> list[str]:
     return found
 
 
-def _state_dict_diff(network: nn.Module, path: Path) -> str:
-    """A one-line description of how the checkpoint's state dict misfits ``network`` (keys and shapes)."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    state = obj.get("model", obj) if isinstance(obj, dict) else {}
+def _find_targets(node: Any, target: str, prefix: str = "") -> list[str]:
+    """Config ids of every dict whose ``_target_`` ends with ``target``."""
+    found: list[str] = []
+    if isinstance(node, Mapping):
+        if str(node.get("_target_", "")).split(".")[-1] == target:
+            found.append(prefix)
+        items = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        return found
+    for k, v in items:
+        found += _find_targets(v, target, f"{prefix}#{k}" if prefix else str(k))
+    return found
+
+
+#: keys under which checkpoints keep the network's state dict (MONAI ``CheckpointSaver``, Lightning)
+STATE_KEYS = ("model", "state_dict")
+
+
+def _state_dict(path: Path, source: str) -> dict[str, torch.Tensor]:
+    """The network state dict in the checkpoint at ``path``: bare, ``{"model": ...}`` or ``{"state_dict": ...}``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: no such file {path} (from {source})")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors, truncated archives, disallowed globals
+        msg = " ".join(str(err).split())[:300]
+        raise ValueError(f"checkpoint {path}: cannot be read as a PyTorch checkpoint ({type(err).__name__}: {msg})") from err
+
+    def is_state(d: Any) -> bool:
+        return isinstance(d, Mapping) and bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+    if is_state(obj):
+        return dict(obj)
+    for key in STATE_KEYS:
+        if isinstance(obj, Mapping) and is_state(obj.get(key)):
+            return dict(obj[key])
+    found = sorted(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__
+    raise ValueError(
+        f"checkpoint {path}: expected a state dict or a dict with key 'model' or 'state_dict', found {found}"
+    )
+
+
+def _state_dict_diff(network: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+    """A one-line description of how ``state`` misfits ``network`` (keys and shapes)."""
     own = network.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [
         f"'{k}' {tuple(state[k].shape)} vs the network's {tuple(v.shape)}"
         for k, v in own.items()
-        if k in state and isinstance(state[k], torch.Tensor) and tuple(state[k].shape) != tuple(v.shape)
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
     ]
     kinds = (("missing key '{}'", missing), ("unexpected key '{}'", unexpected), ("shape of {}", shapes))
     parts = [
@@ -368,18 +468,13 @@ def _state_dict_diff(network: nn.Module, path: Path) -> str:
 
 
 def _load_checkpoint(network: nn.Module, path: Path, source: str, config_path: Path) -> None:
+    state = _state_dict(path, source)
     try:
-        load_weights(network, path)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"checkpoint: no such file {path} (from {source})") from err
-    except ValueError as err:
-        try:
-            detail = _state_dict_diff(network, path)
-        except Exception:  # unreadable file: load_weights' message says why
-            raise err from None
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as err:
         raise ValueError(
             f"checkpoint {path}: does not fit network_def ({type(network).__name__}) of {config_path}: "
-            f"{detail}"
+            f"{_state_dict_diff(network, state)}"
         ) from err
 
 
@@ -395,59 +490,56 @@ def _config_checkpoints(parser, config_path: Path) -> dict[str, dict[str, str]]:
 
 
 # ----------------------------------------------------------------------------------------- inferer
-def _plain_logits(out: Any) -> torch.Tensor:
-    out = main_output(out)
-    return out.as_tensor() if hasattr(out, "as_tensor") else out
+def _describe(inferer: Any, key: str) -> dict[str, Any]:
+    """The inferer's settings for the card (``None`` where a setting does not apply)."""
+    def plain(v: Any) -> Any:
+        v = getattr(v, "value", v)
+        if isinstance(v, Sequence) and not isinstance(v, str):
+            return [plain(u) for u in v]
+        return v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+
+    info: dict[str, Any] = {"type": type(inferer).__name__, "key": key}
+    for name in ("roi_size", "overlap", "mode", "sw_batch_size", "sigma_scale", "padding_mode", "cval"):
+        info[name] = plain(getattr(inferer, name, None))
+    if hasattr(inferer, "orig_roi_size"):
+        info["roi_size"] = plain(inferer.orig_roi_size)
+    info["slice_dim"] = getattr(inferer, "spatial_dim", None)
+    return info
 
 
-def _forward(inferer: Any, network: nn.Module, key_desc: str) -> tuple[Callable, dict[str, Any], list[str]]:
+def _forward(inferer: Any, network: nn.Module, key: str, config_path: Path,
+             device: torch.device) -> tuple[Callable, dict[str, Any], list[str]]:
     """Differentiable ``forward`` from the config's inferer, its description for the card, and notes."""
-    from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer, SlidingWindowInfererAdapt
+    from monai.inferers import Inferer, SimpleInferer, SliceInferer, SlidingWindowInferer
 
+    where = f"config {config_path}: key '{key}'"
     notes: list[str] = []
     if isinstance(inferer, SimpleInferer):
-        info = {"type": "SimpleInferer", "roi_size": None, "overlap": None, "mode": None}
-        return (lambda x: _plain_logits(network(x))), info, notes
-    if type(inferer) in (SlidingWindowInferer, SlidingWindowInfererAdapt):  # not SliceInferer & co.
-        mode = str(getattr(inferer.mode, "value", inferer.mode))
-        overlap = inferer.overlap
-        roi_size = inferer.roi_size
-        roi = [int(r) for r in (roi_size if isinstance(roi_size, Sequence) else [roi_size])]
-        if any(r < 1 for r in roi):
-            raise ValueError(f"{key_desc}: roi_size {roi} has non-positive entries; give the window size")
-        sw = SlidingWindowForward(network, roi, overlap=overlap, sw_batch_size=inferer.sw_batch_size,
-                                  mode=mode)
-        differs = [
-            f"{name}={getattr(inferer, name)!r}"
-            for name, default in (("sigma_scale", 0.125), ("cval", 0.0))
-            if getattr(inferer, name, default) != default
-        ]
-        if str(getattr(inferer.padding_mode, "value", inferer.padding_mode)) != "constant":
-            differs.append(f"padding_mode={inferer.padding_mode!r}")
-        if differs:
-            notes.append(
-                "The sliding-window forward uses MONAI's defaults instead of the inferer's "
-                + ", ".join(differs) + "."
-            )
-        info = {"type": type(inferer).__name__, "roi_size": roi,
-                "overlap": [float(o) for o in overlap] if isinstance(overlap, Sequence) else float(overlap),
-                "mode": mode, "sw_batch_size": int(inferer.sw_batch_size)}
-        return (lambda x: _plain_logits(sw(x))), info, notes
-    if isinstance(inferer, Inferer):
-        raise ValueError(
-            f"{key_desc}: {type(inferer).__name__} is not supported (SimpleInferer, SlidingWindowInferer or "
-            "a callable inferer(x, network) -> logits)"
-        )
-    if callable(inferer):
-        notes.append("The config's inferer is a custom callable inferer(x, network); it is used as it is.")
-        return (lambda x: _plain_logits(inferer(x, network))), {"type": "callable", "roi_size": None,
-                                                                 "overlap": None, "mode": None}, notes
-    raise ValueError(f"{key_desc}: expected an inferer, got {type(inferer).__name__}")
+        return NetworkForward(network), _describe(inferer, key), notes
+    if isinstance(inferer, SlidingWindowInferer):
+        if getattr(inferer, "with_coord", False):
+            raise ValueError(f"{where}: with_coord=True (a network taking window coordinates) is not supported")
+        note = device_note(inferer, device)
+        notes += [note] if note else []
+        try:
+            forward = SliceForward(network, inferer) if isinstance(inferer, SliceInferer) else WindowForward(
+                network, inferer)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from err
+        return forward, _describe(inferer, key), notes
+    if isinstance(inferer, Inferer) or callable(inferer):
+        what = type(inferer).__name__ if isinstance(inferer, Inferer) else "a custom callable inferer(x, network)"
+        notes.append(f"The config's inferer is {what}; it is used as it is (its gradient checked on the first case).")
+        info = {**{k: None for k in _describe(SimpleInferer(), key)}, "type": type(inferer).__name__, "key": key}
+        if not isinstance(inferer, Inferer):
+            info["type"] = "callable"
+        return NetworkForward(network, inferer), info, notes
+    raise ValueError(f"{where}: expected an inferer, got {type(inferer).__name__}")
 
 
 def check_forward(bundle: Bundle, x: torch.Tensor, case: str) -> None:
     """Check on one case that ``bundle.forward`` returns differentiable logits (1, K, *spatial)."""
-    where = f"config {bundle.config_path}: key 'inferer'"
+    where = f"config {bundle.config_path}: key '{bundle.inferer.get('key', 'inferer')}'"
     xg = x.detach().clone().requires_grad_(True)
     try:
         with torch.enable_grad():
@@ -459,60 +551,43 @@ def check_forward(bundle: Bundle, x: torch.Tensor, case: str) -> None:
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(
-            f"{where}: returns {got} on {case}, expected logits {expected} (one channel per class of "
-            "metadata.json; override 'inferer' with a differentiable stage if the config's returns labels)"
+            f"{where}: returns {got} on {case}, expected logits {expected} (one channel per output of "
+            "metadata.json; override the inferer with a differentiable stage if the config's returns labels)"
         )
     if not out.requires_grad:
         raise ValueError(f"{where}: its output on {case} is not differentiable (computed without gradients)")
 
 
 # -------------------------------------------------------------------------------------- read_bundle
-def _label_values(
-    values: Sequence[int | Sequence[int]] | None, num_classes: int, meta_path: Path
-) -> tuple[tuple[int, ...], ...] | None:
-    """``label_values`` checked and normalised: per output channel of ``metadata.json``, the label-file values
-    that stand for it (an int or a list of ints; every value >= 0 and used by one channel only)."""
-    if values is None:
-        return None
-    given = values
-
-    def is_value(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        values = None
-    else:
-        values = tuple((v,) if is_value(v) else tuple(v) if isinstance(v, Sequence) and not isinstance(v, str)
-                       and v and all(map(is_value, v)) else () for v in values)
-    flat = [v for group in values or () for v in group]
-    if not values or not all(values) or len(set(flat)) != len(flat):
-        raise ValueError(
-            "label_values: expected, per output channel, an integer >= 0 or a non-empty list of them, every "
-            f"value used once, got {given!r}"
-        )
-    if len(values) != num_classes:
-        raise ValueError(
-            f"label_values: {len(values)} values for the {num_classes} output channels declared in {meta_path}"
-        )
-    return values
-
-
 def read_bundle(
     bundle_root: str | os.PathLike,
-    config: str | os.PathLike = "inference.json",
+    config: str | os.PathLike | None = None,
     ckpt: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     overrides: Mapping[str, Any] | None = None,
     label_values: Sequence[int | Sequence[int]] | None = None,
+    output: str | None = None,
+    inferer_key: str = "inferer",
 ) -> Bundle:
-    """Parse a bundle (see the module docstring). ``overrides`` set config ids before parsing, as
-    ``monai.bundle run --key value`` does (e.g. ``{"image_size": [64, 64]}``). ``label_values[k]`` is the
-    label-file value, or list of values, that stands for output channel ``k`` (``[0, 1, 2, 4]`` for raw
-    BraTS labels, ``[[0, 3, 4], [1, 2]]`` to merge organ labels into background / lung); by default a label
-    value is its channel index.
+    """Parse a bundle (see the module docstring).
 
-    Raises ``FileNotFoundError`` / ``ValueError`` naming the file and the key for a missing config or
-    metadata, a missing ``network_def``/``inferer``/``preprocessing``, or a checkpoint that does not fit.
+    Args:
+        bundle_root: the bundle's directory (``configs/``, ``models/``, maybe ``scripts/``).
+        config: the inference config under ``configs/`` (JSON or YAML); default ``inference.json``, else
+            ``inference.yaml`` / ``inference.yml``.
+        ckpt: weights to load instead of the config's.
+        device: where the network runs and the windows are stitched.
+        overrides: config ids set before parsing, as ``monai.bundle run --key value`` does (e.g.
+            ``{"inferer#roi_size": [64, 64]}``).
+        label_values: per output channel, the label-file value or list of values that stand for it
+            (softmax: disjoint, ``[0, 1, 2, 4]`` for raw BraTS labels as 4 classes; sigmoid: may overlap,
+            ``[[1, 4], [1, 2, 4], [4]]`` for the zoo's BraTS TC, WT, ET channels).
+        output: ``"softmax"`` or ``"sigmoid"``; default from the config's postprocessing.
+        inferer_key: the config key of the inferer to attack through.
+
+    Raises ``FileNotFoundError`` / ``ValueError`` (one line, naming the file and the key) for a missing
+    config or metadata, a missing or unbuildable ``network_def`` / inferer / ``preprocessing``, or a
+    checkpoint that does not fit.
     """
     root = Path(bundle_root)
     if not root.is_dir():
@@ -521,51 +596,56 @@ def read_bundle(
     meta_path = root / "configs" / "metadata.json"
     meta = _metadata(root)
     num_classes, class_names = _classes(meta, meta_path)
-    label_values = _label_values(label_values, num_classes, meta_path)
     overrides = dict(overrides or {})
-    parser = _parser(config_path, meta_path, root, overrides)
     device = torch.device(device)
+    with bundle_imports(root):
+        parser = _parser(config_path, meta_path, root, overrides)
+        kind, kind_source = _output_kind(parser, config_path, output, num_classes)
+        if kind == "softmax" and num_classes < 2:
+            raise ValueError(f"metadata {meta_path}: softmax outputs need num_channels >= 2, got {num_classes}")
+        given = _channel_labels(label_values, num_classes, kind, meta_path)
+        if "network_def" not in parser:
+            raise ValueError(f"config {config_path}: no key 'network_def' (the bundle's network definition)")
+        if inferer_key not in parser:
+            raise ValueError(f"config {config_path}: no key '{inferer_key}' (the inferer to attack through)")
+        label_pipeline = extend_to_label(parser, config_path, _parsed)
+        network = _parsed(parser, "network_def", config_path)
+        if not isinstance(network, nn.Module):
+            raise ValueError(
+                f"config {config_path}: key 'network_def' is a {type(network).__name__}, not a torch module"
+            )
+        network_target = _target_name(parser, "network_def", network)
+        inferer = _parsed(parser, inferer_key, config_path)
+        preprocessing = _parsed(parser, "preprocessing", config_path)
+        if not callable(preprocessing):
+            raise ValueError(f"config {config_path}: key 'preprocessing' is not a transform")
+        path, source = _checkpoint_candidates(parser, root, ckpt, config_path)
+        extra: dict[str, dict[str, str]] = {}
+        from monai.inferers import Inferer
 
-    if "network_def" not in parser:
-        raise ValueError(f"config {config_path}: no key 'network_def' (the bundle's network definition)")
-    _extend_to_label(parser, config_path)
-    network = _parsed(parser, "network_def", config_path)
-    if not isinstance(network, nn.Module):
-        raise ValueError(
-            f"config {config_path}: key 'network_def' is a {type(network).__name__}, not a torch module"
-        )
-    network_target = _target_name(parser, "network_def", network)
-    inferer = _parsed(parser, "inferer", config_path)
-    preprocessing = _parsed(parser, "preprocessing", config_path)
-    if not callable(preprocessing):
-        raise ValueError(f"config {config_path}: key 'preprocessing' is not a transform")
+        if ckpt is None and not path.is_file() and callable(inferer) and not isinstance(inferer, Inferer):
+            extra = _config_checkpoints(parser, config_path)
     input_range = input_range_of(_walk(preprocessing))
-
-    path, source = _checkpoint_candidates(parser, root, ckpt, config_path)
-    extra = {}
     notes: list[str] = []
-    from monai.inferers import Inferer
-
-    custom = callable(inferer) and not isinstance(inferer, Inferer)
-    if ckpt is None and not path.is_file() and custom:
-        extra = _config_checkpoints(parser, config_path)
     if extra:
         notes.append(
             f"No checkpoint for network_def ({path} does not exist); the custom inferer loads its own "
-            "weights: "
-            + ", ".join(f"{k} = {v['path']}" for k, v in extra.items()) + "."
+            "weights: " + ", ".join(f"{k} = {v['path']}" for k, v in extra.items()) + "."
         )
         checkpoint, sha = None, None
     else:
         _load_checkpoint(network, path, source, config_path)
         checkpoint, sha = path, sha256_file(path)
     network = network.to(device).eval()
-    forward, inferer_info, inferer_notes = _forward(inferer, network, f"config {config_path}: key 'inferer'")
+    forward, inferer_info, inferer_notes = _forward(inferer, network, inferer_key, config_path, device)
     notes += inferer_notes
+    if kind == "sigmoid":
+        notes.append(f"Sigmoid outputs ({kind_source}): each channel is a binary region, thresholded at 0.5.")
     if overrides:
         notes.append("Config overrides: " + json.dumps(overrides, default=str) + ".")
+    default = tuple((c,) for c in range(num_classes)) if kind == "softmax" else tuple(
+        (c + 1,) for c in range(num_classes))
     return Bundle(
-        label_values=label_values,
         root=root.resolve(),
         name=root.resolve().name,
         version=meta.get("version"),
@@ -585,4 +665,9 @@ def read_bundle(
         device=device,
         overrides=overrides,
         notes=notes,
+        label_values=given,
+        output=kind,
+        output_source=kind_source,
+        channel_labels=given or default,
+        label_pipeline=label_pipeline,
     )
