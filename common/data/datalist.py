@@ -55,21 +55,27 @@ def load_datalist(path: str | os.PathLike, section: str = "training") -> list[di
     """Read one section of a datalist with every path made absolute against the datalist's folder.
 
     Raises ``FileNotFoundError`` naming the datalist or the first missing file, and ``ValueError``
-    for a corrupt JSON or an absent section.
+    for a corrupt JSON or an absent or empty section (an empty ``validation`` section would otherwise
+    let a training run finish without ever writing its best weights) — both
+    :class:`common.errors.InputError`, so a bundle run reports them on one line.
     """
     from monai.data import load_decathlon_datalist
 
+    from common.errors import InputError, MissingInputError
+
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"datalist: no such file {path}")
+        raise MissingInputError(f"datalist: no such file {path}")
     try:
         entries = load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=section, base_dir=str(path.parent))
     except ValueError as err:
-        raise ValueError(f"datalist {path}: {err}") from err
+        raise InputError(f"datalist {path}: {err}") from err
     except Exception as err:  # json.JSONDecodeError and friends
-        raise ValueError(f"datalist {path}: cannot be read as JSON ({err})") from err
+        raise InputError(f"datalist {path}: cannot be read as JSON ({err})") from err
+    if not entries:
+        raise InputError(f"datalist {path}: section '{section}' is empty")
     for entry in entries:
         for key, value in entry.items():
             if isinstance(value, str) and key in ("image", "label") and not Path(value).exists():
-                raise FileNotFoundError(f"datalist {path}: '{key}' file {value} does not exist")
+                raise MissingInputError(f"datalist {path}: '{key}' file {value} does not exist")
     return entries
