@@ -320,7 +320,7 @@ def test_brats_like_sigmoid_bundle_with_overlapping_regions(tmp_path):
     net_o, inferer_o = _oracle(root, "inference.json", state)
     _check_forward_and_gradient(bundle, data.x, net_o, inferer_o)
     # the same label values are refused for a softmax reading, which needs disjoint values
-    with pytest.raises(ValueError, match="label_values: with softmax outputs each label value"):
+    with pytest.raises(ValueError, match="label_values: expected disjoint values with softmax"):
         read_bundle(root, label_values=[[1, 4], [1, 2, 4], [4]], output="softmax")
 
 

@@ -160,8 +160,10 @@ def _dice(pred: np.ndarray, truth: np.ndarray, c: int) -> float:
 
 def test_zoo_card_matches_direct_calls(zoo):
     card, net = zoo["card"], zoo["net"]
-    assert card["bundle"]["inferer"] == {"type": "SlidingWindowInferer", "roi_size": ROI, "overlap": 0.5,
-                                         "mode": "constant", "sw_batch_size": 4}
+    assert card["bundle"]["inferer"] == {"type": "SlidingWindowInferer", "key": "inferer", "roi_size": ROI,
+                                         "overlap": 0.5, "mode": "constant", "sw_batch_size": 4,
+                                         "sigma_scale": 0.125, "padding_mode": "constant", "cval": 0.0,
+                                         "slice_dim": None}
     assert card["bundle"]["class_names"] == ["spleen"] and card["bundle"]["num_classes"] == 2
     assert card["bundle"]["spatial_dims"] == 3 and card["units"]["input_range"] == [0.0, 1.0]
     assert card["units"]["range_source"].startswith("ScaleIntensityRanged(a_min=-57, a_max=164, b_min=0, b_max=1")
@@ -458,7 +460,8 @@ def test_bad_input_one_line_error_and_no_card(kind, zoo, tmp_path):
 
 
 @pytest.mark.parametrize("inferer, words", [
-    ({"_target_": "SliceInferer", "roi_size": [16, 16], "spatial_dim": 2}, ["SliceInferer is not supported"]),
+    ({"_target_": "SlidingWindowInferer", "roi_size": [16, 16, 16], "with_coord": True},
+     ["with_coord=True", "not supported"]),
     ("$lambda x, net: net(x).argmax(1, keepdim=True).float()",
      ["returns (1, 1, 20, 20, 20)", "logits (1, 2, 20, 20, 20)"]),
     ("$lambda x, net: net(x).detach()", ["not differentiable"]),

@@ -311,11 +311,11 @@ def _channel_labels(
     flat = [v for group in values for v in group]
     if output == "softmax" and len(set(flat)) != len(flat):
         raise ValueError(
-            f"label_values: with softmax outputs each label value stands for one class, got {given!r} "
+            f"label_values: expected disjoint values with softmax outputs (each stands for one class), got {given!r} "
             "(overlapping regions need output='sigmoid')"
         )
     if len(values) != num:
-        raise ValueError(f"label_values: {len(values)} entries for the {num} output channels declared in {meta_path}")
+        raise ValueError(f"label_values: {len(values)} values for the {num} output channels declared in {meta_path}")
     return values
 
 
