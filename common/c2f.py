@@ -28,6 +28,7 @@ from monai.transforms import NormalizeIntensityd, ScaleIntensityRanged
 from monai.transforms.utils import generate_spatial_bounding_box
 from scipy import ndimage
 
+from common.networks.forwards import check_autograd_forward
 from common.validation import check_clip, check_image, check_nonnegative, check_positive_int, check_probability
 
 __all__ = [
@@ -213,7 +214,7 @@ class SlidingWindowN:
     ) -> None:
         if not callable(network):
             raise ValueError(f"network: expected a callable, got {type(network).__name__}")
-        self.network = network
+        self.network = check_autograd_forward(network, "network", "SlidingWindowN")
         self.roi_size = tuple(check_positive_int(r, "roi_size") for r in roi_size)
         self.n = int(check_nonnegative(n, "n"))
         self.sw_batch_size = check_positive_int(sw_batch_size, "sw_batch_size")
@@ -390,8 +391,15 @@ class CoarseToFineLogits(CoarseToFine):
     runs MONAI's ``sliding_window_inference``; attacks then use the exact gradient, every window's graph
     kept until the backward pass, so this is meant for volumes whose windows fit in memory at once).
 
-    Constructor arguments as :class:`CoarseToFine`.
+    Constructor arguments as :class:`CoarseToFine`; a coarse or fine forward that supplies its own
+    ``input_gradient`` is refused (:func:`common.networks.forwards.check_autograd_forward`), since these
+    logits are differentiated by autograd and would silently drop it.
     """
+
+    def __init__(self, coarse_forward: Callable, fine_forward: Callable, *args, **kwargs) -> None:
+        super().__init__(coarse_forward, fine_forward, *args, **kwargs)
+        check_autograd_forward(coarse_forward, "coarse_forward", "CoarseToFineLogits")
+        check_autograd_forward(fine_forward, "fine_forward", "CoarseToFineLogits")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         check_image(x, "x")

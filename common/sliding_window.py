@@ -29,6 +29,7 @@ from monai.inferers import sliding_window_inference
 from monai.inferers.utils import _get_scan_interval
 from monai.utils import ensure_tuple_rep
 
+from common.networks.forwards import check_autograd_forward, input_gradient
 from common.validation import check_image, check_label_map, check_positive_int, main_output
 
 __all__ = ["SlidingWindowForward", "window_slices", "AGGREGATIONS"]
@@ -57,6 +58,16 @@ def _unpad(x: torch.Tensor, pad: Sequence[int]) -> torch.Tensor:
         before, after = pad[2 * (len(spatial) - 1 - d)], pad[2 * (len(spatial) - 1 - d) + 1]
         index.append(slice(before, spatial[d] - after))
     return x[tuple(index)]
+
+
+def _sum_per_window(loss: Callable) -> Callable:
+    """``loss`` of each window (batch element) on its own, summed: one backward pass gives every window
+    the gradient of its own loss."""
+
+    def total(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return sum(loss(logits[i : i + 1], labels[i : i + 1]) for i in range(logits.shape[0]))
+
+    return total
 
 
 def window_slices(image_size: Sequence[int], roi_size: Sequence[int], overlap: float | Sequence[float]) -> list[tuple[slice, ...]]:
@@ -108,9 +119,17 @@ class SlidingWindowForward:
         self.mode = mode
         self.aggregation = aggregation
         self.skip_background = bool(skip_background)
-        if aggregation == "window_mean":
-            # attacks look this attribute up; the exact aggregation lets plain autograd do the work
-            self.input_gradient = self._window_mean_gradient
+        if aggregation == "exact":  # autograd through the stitched output cannot keep the network's own
+            check_autograd_forward(network, "network", "SlidingWindowForward(aggregation='exact')")
+
+    @property
+    def input_gradient(self) -> Callable:
+        """``window_mean`` only: the ResDSN aggregation as ``input_gradient(x, y, loss)``, the
+        :class:`common.networks.forwards.InputGradientForward` contract that attacks honour. With
+        ``exact`` there is none (``hasattr`` is False): autograd through ``__call__`` is the gradient."""
+        if self.aggregation != "window_mean":
+            raise AttributeError("SlidingWindowForward: aggregation 'exact' has no input_gradient (autograd)")
+        return self._window_mean_gradient
 
     def _roi(self, x: torch.Tensor) -> tuple[int, ...]:
         nd = x.ndim - 2
@@ -132,11 +151,13 @@ class SlidingWindowForward:
     def _window_mean_gradient(
         self, x: torch.Tensor, y: torch.Tensor, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
-        """Seed 002's aggregation: mean over covering windows of each window's own loss gradient.
+        """The ResDSN paper's aggregation (Li et al., 2019, Sec. 3.3): mean over covering windows of each
+        window's own loss gradient.
 
         Shapes: x (B, C, *spatial), y (B, 1, *spatial); returns (B, C, *spatial). The per-window losses
         of one batch are summed before one backward pass: windows are disjoint leaves of the stacked
-        batch, so each receives exactly the gradient of its own loss.
+        batch, so each receives exactly the gradient of its own loss. A window network that supplies its
+        own ``input_gradient`` is asked for it (:func:`common.networks.forwards.input_gradient`).
         """
         check_image(x, "x")
         check_label_map(y, x, "y")
@@ -151,11 +172,9 @@ class SlidingWindowForward:
         count = torch.zeros((xp.shape[0], 1, *xp.shape[2:]), dtype=xp.dtype, device=xp.device)
         for start in range(0, len(jobs), self.sw_batch_size):
             chunk = jobs[start : start + self.sw_batch_size]
-            windows = torch.stack([xp[(b, slice(None), *s)] for b, s in chunk]).requires_grad_(True)
+            windows = torch.stack([xp[(b, slice(None), *s)] for b, s in chunk])
             labels = torch.stack([yp[(b, slice(None), *s)] for b, s in chunk])
-            logits = self._predict(windows)
-            total = sum(loss(logits[i : i + 1], labels[i : i + 1]) for i in range(len(chunk)))
-            (window_grad,) = torch.autograd.grad(total, [windows])
+            window_grad = input_gradient(self.network, windows, labels, _sum_per_window(loss))
             for i, (b, s) in enumerate(chunk):
                 grad[(b, slice(None), *s)] += window_grad[i]
                 count[(b, slice(None), *s)] += 1

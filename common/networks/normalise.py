@@ -15,15 +15,17 @@ pipeline), never the window network: windows must not be normalised by their own
 The statistics are functions of the input, so a perturbation also moves them slightly; gradients flow
 through them (autograd for ``"exact"`` sliding-window gradients; :func:`znorm_input_gradient`, the
 closed-form chain rule, for forwards that supply their own ``input_gradient`` such as
-``SlidingWindowForward(aggregation="window_mean")``).
+``SlidingWindowForward(aggregation="window_mean")``; :class:`PerCaseZNorm` is an
+:class:`common.networks.forwards.InputTransformForward`, so it keeps such a gradient by construction).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
+from common.networks.forwards import InputTransformForward
 from common.validation import check_image
 
 __all__ = [
@@ -65,36 +67,25 @@ def znorm_input_gradient(x: torch.Tensor, grad_z: torch.Tensor) -> torch.Tensor:
     return (centred - z * (grad_z * z).mean(dim=dims, keepdim=True)) / std
 
 
-class PerCaseZNorm:
+class PerCaseZNorm(InputTransformForward):
     """``forward(x) = inner(per_case_znorm(x))``: a whole-volume forward whose input is window-scaled CT.
 
     Args:
         inner: a whole-volume ``forward`` on z-normalised input, e.g. ``SlidingWindowForward(ResDSN)``,
             ``SlidingWindowN`` or ``CoarseToFine``; it may return logits, a list of heads or labels.
 
-    If ``inner`` has ``input_gradient(z, y, loss)`` (the ResDSN paper's ``window_mean`` aggregation),
-    this object has one too, mapping that gradient back to x with :func:`znorm_input_gradient`, so
+    An :class:`common.networks.forwards.InputTransformForward`: if ``inner`` supplies its own
+    ``input_gradient(z, y, loss)`` (the ResDSN paper's ``window_mean`` aggregation), so does this
+    object, mapping that gradient back to x with the closed form :func:`znorm_input_gradient`, so
     attacks (``common.attacks``) use it unchanged. Otherwise attacks back-propagate through
     ``__call__``, statistics included.
     """
 
-    def __init__(self, inner: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        if not callable(inner):
-            raise ValueError(f"inner: expected a callable whole-volume forward, got {type(inner).__name__}")
-        self.inner = inner
-        if callable(getattr(inner, "input_gradient", None)):
-            self.input_gradient = self._input_gradient
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        return per_case_znorm(x)
 
-    def __call__(self, x: torch.Tensor):
-        return self.inner(per_case_znorm(x))
-
-    def _input_gradient(self, x: torch.Tensor, y: torch.Tensor, loss: Callable) -> torch.Tensor:
-        x = x.detach()
-        grad_z = self.inner.input_gradient(per_case_znorm(x), y, loss)
-        return znorm_input_gradient(x, grad_z)
-
-    def __repr__(self) -> str:
-        return f"PerCaseZNorm({self.inner!r})"
+    def pullback(self, x: torch.Tensor, grad_t: torch.Tensor) -> torch.Tensor:
+        return znorm_input_gradient(x, grad_t)
 
 
 def _window(hu_range: Sequence[float]) -> tuple[float, float]:
