@@ -229,6 +229,12 @@ def test_spleen_like_sliding_window_bundle(tmp_path):
         torch.testing.assert_close(data.y[0], _label_as_trained(entry["image"], entry["label"], trained).long())
         assert set(torch.unique(data.y).tolist()) == {0, 1}
     _check_forward_and_gradient(bundle, data.x, net_o, inferer_o)
+    # windows named for another device in the config run and stitch on the card's device, with a note
+    moved = read_bundle(root, overrides={"inferer#sw_device": "cuda:0", "inferer#device": "cuda:0"})
+    assert any("sw_device=cuda:0, device=cuda:0; the card runs and stitches the windows on cpu" in n
+               for n in moved.notes)
+    with torch.no_grad():
+        torch.testing.assert_close(moved.forward(data.x), inferer_o(data.x.double(), net_o).float())
 
 
 def _brats_config() -> dict:

@@ -201,7 +201,8 @@ def _metadata(root: Path) -> dict[str, Any]:
 
 
 def _classes(meta: Mapping[str, Any], path: Path) -> tuple[int, list[str]]:
-    """K and the K channel names from ``network_data_format.outputs.<first>.channel_def`` (or num_channels)."""
+    """K and the K channel names from ``network_data_format.outputs.<first>.channel_def`` (or
+    ``num_channels``)."""
     outputs = (meta.get("network_data_format") or {}).get("outputs") or {}
     if not outputs:
         raise ValueError(f"metadata {path}: no key 'network_data_format.outputs' (the output channels)")
@@ -311,11 +312,13 @@ def _channel_labels(
     flat = [v for group in values for v in group]
     if output == "softmax" and len(set(flat)) != len(flat):
         raise ValueError(
-            f"label_values: expected disjoint values with softmax outputs (each stands for one class), got {given!r} "
-            "(overlapping regions need output='sigmoid')"
+            "label_values: expected disjoint values with softmax outputs (each stands for one class), got "
+            f"{given!r} (overlapping regions need output='sigmoid')"
         )
     if len(values) != num:
-        raise ValueError(f"label_values: {len(values)} values for the {num} output channels declared in {meta_path}")
+        raise ValueError(
+            f"label_values: {len(values)} values for the {num} output channels declared in {meta_path}"
+        )
     return values
 
 
@@ -425,14 +428,17 @@ STATE_KEYS = ("model", "state_dict")
 
 
 def _state_dict(path: Path, source: str) -> dict[str, torch.Tensor]:
-    """The network state dict in the checkpoint at ``path``: bare, ``{"model": ...}`` or ``{"state_dict": ...}``."""
+    """The network state dict in the checkpoint at ``path``: bare, ``{"model": ...}`` or
+    ``{"state_dict": ...}``."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no such file {path} (from {source})")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, truncated archives, disallowed globals
         msg = " ".join(str(err).split())[:300]
-        raise ValueError(f"checkpoint {path}: cannot be read as a PyTorch checkpoint ({type(err).__name__}: {msg})") from err
+        raise ValueError(
+            f"checkpoint {path}: cannot be read as a PyTorch checkpoint ({type(err).__name__}: {msg})"
+        ) from err
 
     def is_state(d: Any) -> bool:
         return isinstance(d, Mapping) and bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
@@ -518,7 +524,9 @@ def _forward(inferer: Any, network: nn.Module, key: str, config_path: Path,
         return NetworkForward(network), _describe(inferer, key), notes
     if isinstance(inferer, SlidingWindowInferer):
         if getattr(inferer, "with_coord", False):
-            raise ValueError(f"{where}: with_coord=True (a network taking window coordinates) is not supported")
+            raise ValueError(
+                f"{where}: with_coord=True (a network taking window coordinates) is not supported"
+            )
         note = device_note(inferer, device)
         notes += [note] if note else []
         try:
@@ -528,11 +536,13 @@ def _forward(inferer: Any, network: nn.Module, key: str, config_path: Path,
             raise ValueError(f"{where}: {err}") from err
         return forward, _describe(inferer, key), notes
     if isinstance(inferer, Inferer) or callable(inferer):
-        what = type(inferer).__name__ if isinstance(inferer, Inferer) else "a custom callable inferer(x, network)"
-        notes.append(f"The config's inferer is {what}; it is used as it is (its gradient checked on the first case).")
-        info = {**{k: None for k in _describe(SimpleInferer(), key)}, "type": type(inferer).__name__, "key": key}
-        if not isinstance(inferer, Inferer):
-            info["type"] = "callable"
+        custom = not isinstance(inferer, Inferer)
+        what = "a custom callable inferer(x, network)" if custom else type(inferer).__name__
+        notes.append(
+            f"The config's inferer is {what}; it is used as it is (its gradient checked on the first case)."
+        )
+        info = {**{k: None for k in _describe(SimpleInferer(), key)}, "key": key,
+                "type": "callable" if custom else type(inferer).__name__}
         return NetworkForward(network, inferer), info, notes
     raise ValueError(f"{where}: expected an inferer, got {type(inferer).__name__}")
 
@@ -602,7 +612,9 @@ def read_bundle(
         parser = _parser(config_path, meta_path, root, overrides)
         kind, kind_source = _output_kind(parser, config_path, output, num_classes)
         if kind == "softmax" and num_classes < 2:
-            raise ValueError(f"metadata {meta_path}: softmax outputs need num_channels >= 2, got {num_classes}")
+            raise ValueError(
+                f"metadata {meta_path}: softmax outputs need num_channels >= 2, got {num_classes}"
+            )
         given = _channel_labels(label_values, num_classes, kind, meta_path)
         if "network_def" not in parser:
             raise ValueError(f"config {config_path}: no key 'network_def' (the bundle's network definition)")

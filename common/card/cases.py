@@ -125,14 +125,16 @@ def _spacing(x: Any, nd: int) -> tuple[float, ...] | None:
     if pixdim is None:
         return None
     values = [float(v) for v in torch.as_tensor(pixdim).flatten()[:nd]]
-    return tuple(values) if len(values) == nd and all(np.isfinite(values)) and all(v > 0 for v in values) else None
+    valid = len(values) == nd and all(np.isfinite(values)) and all(v > 0 for v in values)
+    return tuple(values) if valid else None
 
 
 def _fail_values(bundle: Bundle, case: CaseRef, bad: list[float], declared: list[int]) -> ValueError:
     meta = bundle.root / "configs" / "metadata.json"
     return ValueError(
-        f"datalist {case.datalist}: 'label' file {case.label} holds values {bad[:8]} outside the label values "
-        f"{declared} of the {bundle.num_classes} {bundle.output} channels declared in {meta} (give label_values)"
+        f"datalist {case.datalist}: 'label' file {case.label} holds values {bad[:8]} outside the label "
+        f"values {declared} of the {bundle.num_classes} {bundle.output} channels declared in {meta} "
+        "(give label_values)"
     )
 
 
@@ -147,9 +149,10 @@ def _label_layout(bundle: Bundle, case: CaseRef, y: torch.Tensor) -> torch.Tenso
             raise _fail_values(bundle, case, bad, [0, 1])
         return y.long()
     if y.shape[0] != 1:
+        alternative = f" or {k} binary channels" if bundle.output == "sigmoid" else ""
         raise ValueError(
-            f"datalist {case.datalist}: 'label' file {case.label} gives {y.shape[0]} channels after preprocessing; "
-            f"expected one label map" + (f" or {k} binary channels" if bundle.output == "sigmoid" else "")
+            f"datalist {case.datalist}: 'label' file {case.label} gives {y.shape[0]} channels after "
+            f"preprocessing; expected one label map{alternative}"
         )
     declared = sorted({v for group in groups for v in group} | ({0} if bundle.output == "sigmoid" else set()))
     bad = whole or [float(v) for v in values if int(v) not in declared]
@@ -185,7 +188,8 @@ def read_case(bundle: Bundle, case: CaseRef) -> CaseData:
     if not all(isinstance(data[k], (torch.Tensor, np.ndarray)) for k in ("image", "label")):
         raise ValueError(
             f"config {bundle.config_path}: key 'preprocessing' did not load the 'image' and the 'label' of "
-            f"{case.image} (it needs a LoadImaged on 'image' written as a dict, which the card extends to 'label')"
+            f"{case.image} (it needs a LoadImaged on 'image' written as a dict, which the card extends to "
+            "'label')"
         )
     spacing = _spacing(data["image"], torch.as_tensor(data["image"]).ndim - 1)
     x = torch.as_tensor(data["image"]).as_subclass(torch.Tensor).float()

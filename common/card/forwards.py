@@ -49,7 +49,9 @@ def device_note(inferer: Any, device: torch.device) -> str | None:
     """A sentence for the card when the config's inferer names ``sw_device`` / ``device`` other than the
     card's ``device`` (the card runs and stitches windows on its own device), else ``None``."""
     named = {k: getattr(inferer, k, None) for k in ("sw_device", "device")}
-    differs = {k: str(v) for k, v in named.items() if v is not None and torch.device(v) != torch.device(device)}
+    differs = {
+        k: str(v) for k, v in named.items() if v is not None and torch.device(v) != torch.device(device)
+    }
     if not differs:
         return None
     listed = ", ".join(f"{k}={v}" for k, v in differs.items())
@@ -151,8 +153,8 @@ class SliceForward:
         s = moved.shape[1]
         slices = moved.reshape(b * s, c, *moved.shape[3:])
         out = sliding_window_inference(
-            slices, self.roi_size, self.sw_batch_size, self._predict, self.overlap, self.mode, self.sigma_scale,
-            self.padding_mode, self.cval, x.device, x.device,
+            slices, self.roi_size, self.sw_batch_size, self._predict, self.overlap, self.mode,
+            self.sigma_scale, self.padding_mode, self.cval, x.device, x.device,
         )
         out = plain_logits(out)
         return out.reshape(b, s, out.shape[1], *out.shape[2:]).movedim(1, axis)

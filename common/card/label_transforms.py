@@ -31,7 +31,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["extend_to_label", "transform_list_id", "follow_reference", "INTERPOLATION_MODES", "LABEL", "IMAGE"]
+__all__ = [
+    "extend_to_label", "transform_list_id", "follow_reference", "INTERPOLATION_MODES", "LABEL", "IMAGE",
+]
 
 #: interpolation modes (torch / MONAI names, spline orders) that a label must not go through
 INTERPOLATION_MODES = {
