@@ -77,4 +77,6 @@ def main(size: int = 96, roi: int = 64, overlap: float = 0.5, sw_batch_size: int
 
 
 if __name__ == "__main__":
-    fire.Fire(main, serialize=lambda _: None)
+    from scripts.cli import run
+
+    run(main, serialize=lambda _: None)

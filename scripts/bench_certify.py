@@ -112,4 +112,6 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main, serialize=lambda _: None)  # the JSON line printed by main stays the last line
+    from scripts.cli import run
+
+    run(main, serialize=lambda _: None)  # the JSON line printed by main stays the last line

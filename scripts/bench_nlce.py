@@ -148,4 +148,6 @@ def main(sizes=(64, 128), channels: int = 64, batch: int = 2, num_codes: int = 3
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from scripts.cli import run
+
+    run(main)

@@ -22,11 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-import fire
 
 from common.card.runner import run_card
-from common.io import atomic_write_text
-from common.report import format_mean_sd, markdown_table, plot_metric_vs_eps
+from common.io import atomic_write_bytes, atomic_write_text
+from common.report import format_mean_sd, markdown_table
+from common.reporting.plots import render_metric_vs_eps
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "nlcen_lung"
@@ -114,8 +114,9 @@ def _write_report(out: Path, summaries: dict, timings: dict, card: dict | None) 
             })
             # one line per model, starting at its own clean Dice (ε = 0)
             merged["entries"].append({**entry, "attack": variant})
-    plot_metric_vs_eps(out / "dice_vs_eps.png", merged, "dice_lung", eps_label="ε (0–255 pixel scale)",
-                       title="Lung Dice under targeted I-FGSM (chest phantoms)", ylabel="DIC")
+    atomic_write_bytes(out / "dice_vs_eps.png", render_metric_vs_eps(
+        merged, "dice_lung", eps_label="ε (0–255 pixel scale)",
+        title="Lung Dice under targeted I-FGSM (chest phantoms)", ylabel="DIC"))
     lines = [
         "# Demo: lung segmentation under targeted I-FGSM (synthetic chest phantoms)",
         "",
@@ -145,4 +146,6 @@ def _write_report(out: Path, summaries: dict, timings: dict, card: dict | None) 
 
 
 if __name__ == "__main__":
-    fire.Fire(main, serialize=lambda _: None)
+    from scripts.cli import run
+
+    run(main, serialize=lambda _: None)

@@ -286,6 +286,6 @@ def main(bundle: str, input: str, output_dir: str, config_names: Any = "inferenc
 
 
 if __name__ == "__main__":
-    import fire
+    from scripts.cli import run
 
-    fire.Fire(main)
+    run(main)

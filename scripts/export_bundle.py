@@ -342,4 +342,6 @@ def main(name: str, output_dir: str = ".", include_weights: bool = False, weight
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from scripts.cli import run
+
+    run(main)

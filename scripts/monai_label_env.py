@@ -117,6 +117,6 @@ def main(venv_dir: str = str(DEFAULT_VENV), requirements: str = str(DEFAULT_REQU
 
 
 if __name__ == "__main__":
-    import fire
+    from scripts.cli import run
 
-    fire.Fire(main)
+    run(main)

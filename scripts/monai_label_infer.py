@@ -94,4 +94,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from scripts.cli import run
+
+    run(main, parses_argv=True)

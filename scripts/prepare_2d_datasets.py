@@ -59,4 +59,6 @@ def main(argv: Sequence[str] | None = None) -> Any:
 
 
 if __name__ == "__main__":
-    main()
+    from scripts.cli import run
+
+    run(main, parses_argv=True)

@@ -30,4 +30,6 @@ def msd(task_dir: str, out_dir: str | None = None, num_folds: int = NUM_FOLDS, s
 
 
 if __name__ == "__main__":
-    fire.Fire({"nih": nih, "msd": msd})
+    from scripts.cli import run
+
+    run({"nih": nih, "msd": msd})

@@ -69,4 +69,6 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from scripts.cli import run
+
+    run(main, ranges={"eps": (0.0, 1.0), "sigmas": (0.0, 1.0)})

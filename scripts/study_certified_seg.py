@@ -109,4 +109,6 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from scripts.cli import run
+
+    run(main)

@@ -165,4 +165,6 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main, serialize=lambda _: None)
+    from scripts.cli import run
+
+    run(main, serialize=lambda _: None)
