@@ -603,6 +603,10 @@ def test_bundle_importing_its_own_scripts_package(tmp_path):
                              "in_channels": 1, "out_channels": 4, **TINY_UNET}
     config["inferer"] = {"_target_": "SliceInferer", "roi_size": [16, 16], "spatial_dim": 2, "sw_batch_size": 4,
                          "overlap": 0.5, "mode": "gaussian"}
+    # transform lists joined by an expression, as spleen_deepedit_annotation's inference.json writes them
+    transforms = config["preprocessing"]["transforms"]
+    config["preprocessing_transforms"], config["extra_transforms"] = transforms[:2], transforms[2:]
+    config["preprocessing"]["transforms"] = "$@preprocessing_transforms + @extra_transforms"
     with _fresh_process_imports(root):
         from scripts.networks import ScaledUNet  # the bundle's class, to make its weights
 
@@ -620,6 +624,8 @@ def test_bundle_importing_its_own_scripts_package(tmp_path):
     datalist = _datalist(tmp_path / "datalist.json", [{"image": image, "label": _nifti(tmp_path / "lab.nii.gz", label)}])
     data = read_case(bundle, read_datalist(datalist)[0][0])
     assert data.y.shape == (1, 1, 14, 16, 4)
+    np.testing.assert_array_equal(data.y[0, 0].numpy(), label)
+    assert float(data.x.min()) == 0.0 and float(data.x.max()) == 1.0  # ScaleIntensityd of the second list
     net_o, inferer_o = _oracle(root, "inference.json", state)
     _check_forward_and_gradient(bundle, data.x, net_o, inferer_o)
 

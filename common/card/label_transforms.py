@@ -20,19 +20,21 @@ transforms are sorted into three kinds before the list is instantiated:
 
 Rewriting the config and instantiating it again (rather than mutating built transforms) keeps MONAI's
 per-key argument handling intact. A loading step is wrapped with the label's ``EnsureChannelFirstd`` in
-a nested ``Compose`` so that the indices of the other items in the list do not move.
+a nested ``Compose`` so that the indices of the other items in the list do not move. A list written as a
+sum of references (``"$@preprocessing_transforms + @deepedit_transforms"``) is rewritten list by list.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "extend_to_label", "transform_list_id", "follow_reference", "INTERPOLATION_MODES", "LABEL", "IMAGE",
+    "extend_to_label", "transform_list_ids", "follow_reference", "INTERPOLATION_MODES", "LABEL", "IMAGE",
 ]
 
 #: interpolation modes (torch / MONAI names, spline orders) that a label must not go through
@@ -44,6 +46,8 @@ IMAGE = "image"
 
 #: type and device conversions that the label follows too (module ``monai.transforms.utility``)
 _CONVERSIONS = {"EnsureTyped", "ToTensord", "CastToTyped", "ToDeviced", "Identityd", "ToNumpyd"}
+#: an expression joining transform lists: ``"$@a + @b"``
+_SUM_OF_REFERENCES = re.compile(r"^\$\s*@[\w#:]+(\s*\+\s*@[\w#:]+)*\s*$")
 #: settings of dictionary transforms given one value per key
 _PER_KEY = ("mode", "padding_mode", "align_corners", "dtype", "anti_aliasing", "anti_aliasing_sigma",
             "scale_extent")
@@ -63,8 +67,9 @@ def follow_reference(parser, key: str) -> str:
     raise ValueError(f"config: reference cycle at '{key}'")
 
 
-def transform_list_id(parser, config_path: Path, key: str = "preprocessing") -> str:
-    """The config id of a transform list (a ``Compose``'s ``transforms`` or a plain list) under ``key``."""
+def transform_list_ids(parser, config_path: Path, key: str = "preprocessing") -> list[str]:
+    """The config ids of the transform lists under ``key``: a ``Compose``'s ``transforms`` or a plain list,
+    written out or as a sum of references (``"$@pre_transforms + @more_transforms"``)."""
     if key not in parser:
         raise ValueError(f"config {config_path}: no key '{key}' (the transforms that load the image)")
     list_id = follow_reference(parser, key)
@@ -72,12 +77,16 @@ def transform_list_id(parser, config_path: Path, key: str = "preprocessing") -> 
     if isinstance(raw, dict) and "transforms" in raw:
         list_id = follow_reference(parser, f"{list_id}#transforms")
         raw = parser.get(list_id)
-    if not isinstance(raw, list):
-        raise ValueError(
-            f"config {config_path}: key '{key}' must be a Compose of a transform list or a list, written out "
-            "(not an expression)"
-        )
-    return list_id
+    if isinstance(raw, list):
+        return [list_id]
+    if isinstance(raw, str) and _SUM_OF_REFERENCES.match(raw):
+        ids = [follow_reference(parser, ref.replace("::", "#")) for ref in re.findall(r"@([\w#:]+)", raw)]
+        if all(i in parser and isinstance(parser.get(i), list) for i in ids):
+            return ids
+    raise ValueError(
+        f"config {config_path}: key '{key}' must be a Compose of a transform list (written out or a sum of "
+        "references to lists) or a list"
+    )
 
 
 def _interpolates(mode: Any) -> bool:
@@ -141,10 +150,10 @@ def extend_to_label(parser, config_path: Path, parsed: Callable[[Any, str, Path]
     """
     from monai.transforms import MapTransform
 
-    list_id = transform_list_id(parser, config_path, key)
+    item_ids = [f"{list_id}#{i}" for list_id in transform_list_ids(parser, config_path, key)
+                for i in range(len(parser.get(list_id)))]
     steps: list[str] = []
-    for i in range(len(parser.get(list_id))):
-        item_id = f"{list_id}#{i}"
+    for item_id in item_ids:
         item = parsed(parser, item_id, config_path)
         name = type(item).__name__
         if not isinstance(item, MapTransform):
