@@ -285,15 +285,17 @@ def test_metric_history_and_iou_table(tmp_path):
 
 def test_robustness_table():
     def summary(clean, fgsm):
-        entries = [{"attack": "clean", "eps_display": 0.0, "mean": {"jaccard_lesion": clean}}]
+        entries = [{"attack": "clean", "eps_display": 0.0, "mean": {"iou_lesion": clean}}]
         for e, v in fgsm.items():
-            entries.append({"attack": "fgsm", "eps_display": e, "mean": {"jaccard_lesion": v}})
+            entries.append({"attack": "fgsm", "eps_display": e, "mean": {"iou_lesion": v}})
         return {"entries": entries}
 
     summaries = {"UNet": summary(0.8, {0.1: 0.5}), "UNet + FGSM": summary(0.82, {0.1: 0.7})}
     table = robustness_table(summaries, "fgsm")
     assert table.splitlines()[0] == "| Model (fgsm, ε →) | 0 | 0.1 |"
     assert "| UNet + FGSM | 0.8200 | 0.7000 |" in table
+    with pytest.raises(ValueError, match="metric"):  # the pre-unification name is refused, not shown as "-"
+        robustness_table(summaries, "fgsm", metric="jaccard_lesion")
 
 
 def test_volumes_to_slices_crop_keeps_the_lesion(tmp_path):

@@ -51,7 +51,7 @@ def iou_over_epochs_table(
 
 
 def robustness_table(
-    summaries: Mapping[str, Mapping[str, Any]], attack: str, metric: str = "jaccard_lesion", digits: int = 4,
+    summaries: Mapping[str, Mapping[str, Any]], attack: str, metric: str = "iou_lesion", digits: int = 4,
 ) -> str:
     """Table 2 in shape: one row per model (``summaries``: name → a robustness sweep's ``summary.json`` dict),
     one column per ε (ε = 0 is the clean row) holding the mean ``metric`` under ``attack``."""
@@ -63,6 +63,8 @@ def robustness_table(
                 values[float(e["eps_display"])] = e["mean"].get(metric)
         if len(values) < 2:
             raise ValueError(f"summaries: {name!r} has no entries of attack {attack!r}")
+        if all(v is None for v in values.values()):
+            raise ValueError(f"metric: {metric!r} is not among the means of summaries[{name!r}]")
         eps_all = sorted(values) if eps_all is None else eps_all
         cells = {f"{k:g}": ("-" if values.get(k) is None else f"{values[k]:.{digits}f}") for k in eps_all}
         rows.append({"model": name, **cells})
