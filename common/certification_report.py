@@ -13,14 +13,17 @@ plain model behind a diffusion denoiser), with :func:`common.certify.certify`, a
   paper's tables (σ, R, Dice / IoU per class, %⊘), plus the strict table.
 - ``certified_labels.pt``: ``{"<method>/sigma=<σ>/<case>": int16 (H, W)}`` with ``ABSTAIN`` (-1).
 - ``figure.png``: Fig. 1-like panel of the first case (noisy input, ground truth, certified
-  segmentation of every method, abstentions in white), one row per σ.
+  segmentation of every method, abstentions magenta), one row per σ.
 
-All files are written atomically (:mod:`common.io`, :func:`common.report.write_bytes`).
+A configuration of the engine (:func:`common.evaluation.engine.evaluate`: models = methods, perturbations
+= clean and smoothing at each σ); case ids are :func:`common.metrics.case_id`; empty classes follow
+:data:`common.metrics.EMPTY_CLASS_RULE`. The output folder is checked before any case is certified and
+the files are written as one report set (:func:`common.io.write_report_set`).
 """
 
 from __future__ import annotations
 
-import io
+import json
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -29,16 +32,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from monai.metrics import compute_dice, compute_iou
-from tqdm.auto import tqdm
 
-from common.certify import ABSTAIN, CORRECTIONS, certified_metrics, certify
-from common.distributed import barrier, gather_objects, is_main_process, num_local_batches, shard_batches
-from common.io import atomic_torch_save, atomic_write_json
-from common.report import markdown_table, write_bytes, write_csv
-from common.validation import check_nonnegative, check_positive_int, check_probability, main_output
+from common.certify import ABSTAIN, CORRECTIONS
+from common.distributed import barrier, is_main_process
+from common.evaluation.engine import Model, Scoring, clean, evaluate, smoothed
+from common.io import check_writable, write_report_set
+from common.metrics import EMPTY_CLASS_RULE
+from common.report import csv_text
+from common.reporting.paper_tables import certification_tables
+from common.reporting.plots import render_certified_figure
+from common.validation import check_nonnegative, check_positive_int, check_probability
 
 __all__ = [
     "check_certification_config",
@@ -46,7 +49,6 @@ __all__ = [
     "CertificationRun",
     "summarise_certification",
     "certification_tables",
-    "render_certified_figure",
 ]
 
 
@@ -98,43 +100,15 @@ class PerSigmaDenoiser:
         raise ValueError(f"sigma: no denoiser for sigma={sigma}; have {sorted(self.denoisers)}")
 
 
-def _plain_scores(labels: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
-    """Dice / IoU per class of a label map (B, *sp) against y (B, *sp); MONAI metrics, NaN if empty."""
-    pred = torch.nn.functional.one_hot(labels.long(), num_classes).movedim(-1, 1).float()
-    truth = torch.nn.functional.one_hot(y.long(), num_classes).movedim(-1, 1).float()
-    dice = compute_dice(pred, truth, True, True, num_classes)
-    iou = compute_iou(pred, truth, True, True)
-    out = {}
-    for c in range(num_classes):
-        out[f"dice_{c}"], out[f"iou_{c}"] = dice[:, c], iou[:, c]
-        out[f"dice_strict_{c}"], out[f"iou_strict_{c}"] = dice[:, c], iou[:, c]
-    out["abstained_fraction"] = torch.zeros(labels.shape[0], dtype=torch.float64)
-    return out
-
-
-def _case_name(batch: Mapping, key: str, index: int) -> str:
-    """Case id from the image's file name (MetaTensor meta), else ``case_<index>``."""
-    meta = getattr(batch.get(key), "meta", None) or batch.get(f"{key}_meta_dict") or {}
-    name = meta.get("filename_or_obj") if isinstance(meta, Mapping) else None
-    if isinstance(name, (list, tuple)):
-        name = name[0] if name else None
-    if not name:
-        return f"case_{index:03d}"
-    base = os.path.basename(str(name))
-    for ext in (".nii.gz", ".nii", ".png", ".jpg"):
-        if base.endswith(ext):
-            return base[: -len(ext)]
-    return base
-
-
-def _row(case: str, method: str, sigma: float, radius: float, scores, class_names, i: int) -> dict:
-    """One CSV row: per-class scores named by class, %⊘ as a percentage."""
-    row: dict[str, Any] = {"case": case, "method": method, "sigma": sigma, "radius": radius}
+def _row(r: Mapping[str, Any], class_names: Sequence[str]) -> dict:
+    """One CSV row of an engine row: per-class scores named by class, %⊘ as a percentage."""
+    row: dict[str, Any] = {"case": r["case_id"], "method": r["model"], "sigma": r["sigma"],
+                           "radius": r.get("radius", 0.0)}
     for variant in ("", "_strict"):
-        for c, name in enumerate(class_names):
-            row[f"dice{variant}_{name}"] = float(scores[f"dice{variant}_{c}"][i])
-            row[f"iou{variant}_{name}"] = float(scores[f"iou{variant}_{c}"][i])
-    row["abstained_pct"] = 100.0 * float(scores["abstained_fraction"][i])
+        for name in class_names:
+            for metric in ("dice", "iou"):
+                row[f"{metric}{variant}_{name}"] = float(r.get(f"{metric}{variant}_{name}", r[f"{metric}_{name}"]))
+    row["abstained_pct"] = 100.0 * float(r.get("abstained_fraction", 0.0))
     return row
 
 
@@ -149,10 +123,10 @@ class CertificationRun:
         num_classes: K; class_names: K names (the first is background and is left out of the tables).
         output_dir: where the files listed in the module docstring go.
         batch_size: noisy copies per forward call. seed: the noise generator is reset to ``seed`` for every
-            case, σ and method, so all methods see the same noise draws.
+            batch, σ and method, so all methods see the same noise draws.
         include_clean: also score each method's plain prediction (σ = 0 row).
         image_key, label_key: keys of the loader's dict batches.
-        progress: a tqdm bar over batches (stderr; rank 0 only under ``torchrun``).
+        progress: progress over batches (stderr; rank 0 only under ``torchrun``).
 
     Under ``torchrun`` each rank certifies its shard of the cases and rank 0 alone writes the files, the
     same files with the same numbers as one process.
@@ -195,7 +169,7 @@ class CertificationRun:
                 denoiser = PerSigmaDenoiser(denoiser)
             if denoiser is not None and not callable(denoiser):
                 raise ValueError(f"methods: the denoiser of '{name}' is not callable")
-            self.methods[str(name)] = (spec["forward"], denoiser)
+            self.methods[str(name)] = Model(spec["forward"], denoiser)
         self.class_names = [str(c) for c in class_names]
         self.output_dir = Path(output_dir)
         self.batch_size = check_positive_int(batch_size, "batch_size")
@@ -204,63 +178,43 @@ class CertificationRun:
         self.image_key, self.label_key, self.title = image_key, label_key, title
         self.progress = bool(progress)
 
-    def _certify_batch(self, batch: Mapping, offset: int, keep_panel: bool) -> dict[str, Any]:
-        """Rows, clean rows and certified labels of one batch (``offset``: cases before it); its figure
-        panel (image, truth, certified maps; noise added later) when ``keep_panel``."""
-        p = self.params
-        rows, clean_rows, labels = [], [], {}
-        x, y = batch[self.image_key], batch[self.label_key]
-        x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
-        y = y.as_tensor() if hasattr(y, "as_tensor") else torch.as_tensor(y)
-        y = y[:, 0] if y.ndim == x.ndim else y
-        x, y = x.float(), y.long().to(x.device)
-        names = [_case_name(batch, self.image_key, offset)] if x.shape[0] == 1 else [
-            f"case_{offset + i:03d}" for i in range(x.shape[0])
-        ]
-        panel = {"image": x[0].cpu(), "truth": y[0].cpu(), "noisy": {}, "certified": {}}
-        for method, (forward, denoiser) in self.methods.items():
-            if self.include_clean:
-                with torch.no_grad():
-                    pred = main_output(forward(x)).argmax(1)
-                scores = _plain_scores(pred, y, self.num_classes)
-                clean_rows += [_row(nm, method, 0.0, 0.0, scores, self.class_names, i)
-                               for i, nm in enumerate(names)]
-            for sigma in p["sigmas"]:
-                generator = torch.Generator(device=x.device).manual_seed(self.seed)
-                cert = certify(forward, x, sigma, p["n0"], p["n"], p["alpha"], p["tau"], p["correction"],
-                               self.batch_size, denoiser, generator)
-                scores = certified_metrics(cert, y, self.num_classes)
-                rows += [_row(nm, method, sigma, cert.radius, scores, self.class_names, i)
-                         for i, nm in enumerate(names)]
-                for i, nm in enumerate(names):
-                    labels[f"{method}/sigma={sigma:g}/{nm}"] = cert.labels[i].to(torch.int16).cpu()
-                panel["certified"][(method, sigma)] = cert.labels[0].cpu()
-        return {"rows": rows, "clean_rows": clean_rows, "labels": labels,
-                "panel": panel if keep_panel else None}
+    def _perturbations(self) -> list:
+        p, seed = self.params, self.seed
+        reset = lambda ids, device: torch.Generator(device=device).manual_seed(seed)  # noqa: E731
+        perts = [clean()] if self.include_clean else []
+        return perts + [smoothed(s, p["n0"], p["n"], p["alpha"], p["tau"], p["correction"], self.batch_size, reset,
+                                 name="smoothing") for s in p["sigmas"]]
+
+    def _keep(self, k, ids, method, pert, x, y, outcome) -> dict | None:
+        """Engine observer: the certified labels of every case, and the figure's panel from the first batch."""
+        if pert.kind != "smoothing":
+            return None
+        cert = outcome["cert"]
+        out: dict[Any, Any] = {("labels", f"{method}/sigma={pert.sigma:g}/{cid}"): cert.labels[i].to(torch.int16).cpu()
+                               for i, cid in enumerate(ids)}
+        if k == 0:
+            out.update({("panel", "image"): x[0].cpu(), ("panel", "truth"): y[0, 0].cpu(),
+                        ("certified", (method, pert.sigma)): cert.labels[0].cpu()})
+        return out
 
     def certify_loader(self, loader: Iterable) -> dict[str, Any]:
         """Certify every case of ``loader`` (dict batches); returns rows, clean rows, labels, figure data.
 
-        Under ``torchrun`` (an initialised process group) each rank certifies its block of batches
-        (:func:`common.distributed.shard_batches`) and every rank returns the results of all cases in
-        loader order. The noise generator is reset to ``seed`` per batch, so the numbers equal a single
-        process's.
+        Under ``torchrun`` each rank certifies its block of batches and every rank returns the results of
+        all cases in loader order. The noise generator is reset to ``seed`` per batch, so the numbers equal
+        a single process's.
         """
-        local = []
-        bar = tqdm(
-            shard_batches(loader), desc=self.title, total=num_local_batches(loader), unit="batch", leave=True,
-            disable=not (self.progress and is_main_process()),
-        )
-        for k, offset, batch in bar:
-            local.append((k, self._certify_batch(batch, offset, keep_panel=k == 0)))
-        ordered = sorted((r for part in gather_objects(local) for r in part), key=lambda r: r[0])
-        results = [r for _, r in ordered]
-        rows = [row for r in results for row in r["rows"]]
-        if not rows:
-            raise ValueError("loader: yielded no test cases")
-        clean_rows = [row for r in results for row in r["clean_rows"]]
-        labels = {key: value for r in results for key, value in r["labels"].items()}
-        figure = results[0]["panel"]
+        scoring = Scoring(self.num_classes, include_background=True, class_names=self.class_names)
+        result = evaluate(self.methods, loader, self._perturbations(), scoring, progress=self.progress,
+                          desc=self.title, observer=self._keep, image_key=self.image_key, label_key=self.label_key)
+        rows = [_row(r, self.class_names) for r in result.rows if r["kind"] == "smoothing"]
+        clean_rows = [_row(r, self.class_names) for r in result.rows if r["kind"] == "clean"]
+        order = {f"{r['method']}/sigma={r['sigma']:g}/{r['case']}": i for i, r in enumerate(rows)}
+        kept = result.artifacts
+        labels = dict(sorted(((key, v) for (kind, key), v in kept.items() if kind == "labels"),
+                             key=lambda kv: order[kv[0]]))
+        figure = {"image": kept[("panel", "image")], "truth": kept[("panel", "truth")], "noisy": {},
+                  "certified": {key: v for (kind, key), v in kept.items() if kind == "certified"}}
         gen = torch.Generator().manual_seed(self.seed)
         for sigma in self.params["sigmas"]:
             noise = torch.randn(figure["image"].shape, generator=gen)
@@ -272,29 +226,35 @@ class CertificationRun:
 
         Under ``torchrun`` rank 0 alone writes; every rank returns once the files are written.
         """
+        if is_main_process():
+            check_writable(self.output_dir)
         result = self.certify_loader(loader)
         summary = summarise_certification(result["rows"] + result["clean_rows"], self.class_names[1:])
         summary.update({"params": self.params, "title": self.title, "class_names": self.class_names,
-                        "num_cases": len({r["case"] for r in result["rows"]}), "abstain_label": ABSTAIN})
+                        "num_cases": len({r["case"] for r in result["rows"]}), "abstain_label": ABSTAIN,
+                        "empty_class_rule": EMPTY_CLASS_RULE})
         if is_main_process():
             self._write(result, summary)
         barrier()
         return summary
 
     def _write(self, result: Mapping[str, Any], summary: Mapping[str, Any]) -> None:
-        """Write the files listed in the module docstring to ``output_dir``."""
-        out = self.output_dir
-        write_csv(out / "per_case.csv", result["rows"])
-        if result["clean_rows"]:
-            write_csv(out / "clean_per_case.csv", result["clean_rows"])
-        atomic_write_json(out / "summary.json", summary)
-        write_csv(out / "summary.csv", summary["entries"])
+        """Write the files listed in the module docstring to ``output_dir``, as one report set."""
         paper, strict = certification_tables(summary["entries"], self.class_names[1:])
         text = f"# {self.title}\n\n## Certified scores, abstentions ignored\n\n{paper}\n" \
-               f"## Strict certified scores (abstentions count as errors)\n\n{strict}"
-        write_bytes(out / "summary.md", text.encode())
-        atomic_torch_save(result["labels"], out / "certified_labels.pt")
-        write_bytes(out / "figure.png", render_certified_figure(result["figure"], self.num_classes))
+               f"## Strict certified scores (abstentions count as errors)\n\n{strict}\n" \
+               f"Empty classes: {EMPTY_CLASS_RULE}.\n"
+        files: dict[str, Any] = {"per_case.csv": csv_text(result["rows"])}
+        if result["clean_rows"]:
+            files["clean_per_case.csv"] = csv_text(result["clean_rows"])
+        files.update({
+            "summary.json": json.dumps(summary, indent=2) + "\n",
+            "summary.csv": csv_text(summary["entries"]),
+            "summary.md": text,
+            "certified_labels.pt": lambda path: torch.save(result["labels"], path),
+            "figure.png": render_certified_figure(result["figure"], self.num_classes),
+        })
+        write_report_set(self.output_dir, files)
 
 
 def summarise_certification(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> dict[str, Any]:
@@ -319,63 +279,3 @@ def summarise_certification(rows: Sequence[Mapping[str, Any]], class_names: Sequ
     return {"entries": entries}
 
 
-def certification_tables(entries: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> tuple[str, str]:
-    """Markdown tables shaped like the paper's Tables 1-3: method, σ, R, Dice / IoU per class, %⊘.
-
-    Returns (certified table with abstentions ignored, strict table).
-    """
-    tables = []
-    for variant in ("", "_strict"):
-        columns = ["method", "sigma", "radius"]
-        headers = ["Method", "σ", "R"]
-        for c in class_names:
-            columns += [f"dice{variant}_{c}", f"iou{variant}_{c}"]
-            headers += [f"{c} Dice", f"{c} IoU"]
-        columns.append("abstained_pct")
-        headers.append("%⊘")
-        rows = [{**e, "sigma": f"{e['sigma']:.2f}", "radius": f"{e['radius']:.2f}"} for e in entries]
-        tables.append(markdown_table(rows, columns, ".2f", headers))
-    return tables[0], tables[1]
-
-
-_PALETTE = np.array(
-    [[0.0, 0.0, 0.0], [0.12, 0.47, 0.71], [1.0, 0.5, 0.05], [0.17, 0.63, 0.17], [0.84, 0.15, 0.16],
-     [0.58, 0.4, 0.74], [0.55, 0.34, 0.29], [0.89, 0.47, 0.76], [0.5, 0.5, 0.5], [0.74, 0.74, 0.13]]
-)
-
-
-def _colour(labels: torch.Tensor, num_classes: int) -> np.ndarray:
-    """(H, W) labels → (H, W, 3) RGB; background black, classes from a fixed palette, ABSTAIN white."""
-    lab = labels.numpy().astype(np.int64)
-    palette = np.vstack([_PALETTE[np.arange(num_classes) % len(_PALETTE)], [[1.0, 1.0, 1.0]]])
-    return palette[np.where(lab == ABSTAIN, num_classes, lab)]
-
-
-def _display(image: torch.Tensor) -> tuple[np.ndarray, str | None]:
-    """(C, H, W) image → displayable array clipped to [0, 1]: gray (H, W) or RGB (H, W, 3)."""
-    arr = image.clamp(0.0, 1.0).numpy()
-    return (arr[0], "gray") if arr.shape[0] != 3 else (arr.transpose(1, 2, 0), None)
-
-
-def render_certified_figure(panel: Mapping[str, Any], num_classes: int, dpi: int = 100) -> bytes:
-    """PNG bytes of a Fig. 1-like grid: one row per σ; columns: image + N(0, σ²), ground truth, and the
-    certified segmentation of each method (abstentions white)."""
-    sigmas = list(panel["noisy"])
-    methods = list(dict.fromkeys(m for m, _ in panel["certified"]))
-    cols = 2 + len(methods)
-    fig = Figure(figsize=(2.2 * cols, 2.2 * len(sigmas)), dpi=dpi)
-    FigureCanvasAgg(fig)
-    for r, sigma in enumerate(sigmas):
-        image, cmap = _display(panel["noisy"][sigma])
-        truth = _colour(panel["truth"], num_classes)
-        cells = [(image, cmap, f"noisy, σ={sigma:g}"), (truth, None, "ground truth")]
-        cells += [(_colour(panel["certified"][(m, sigma)], num_classes), None, m) for m in methods]
-        for c, (data, cm, title) in enumerate(cells):
-            ax = fig.add_subplot(len(sigmas), cols, r * cols + c + 1)
-            ax.imshow(data, cmap=cm, vmin=0.0, vmax=1.0, interpolation="nearest")
-            ax.set_title(title, fontsize=8)
-            ax.axis("off")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()

@@ -5,8 +5,8 @@
 - :func:`segmentation_scores`: Dice and IoU (Jaccard) per class or per region, per case, from integer
   label maps (softmax class maps) or from C-channel binary masks (sigmoid multi-label outputs), with an
   optional ignore mask (e.g. the abstained pixels of certification); optionally HD95 and surface Dice.
-- :func:`overlap_scores`, :func:`surface_scores`: the same on binary masks (B, R, *spatial), via MONAI
-  ``compute_dice`` / ``compute_iou`` and ``compute_hausdorff_distance`` (95th percentile) /
+- :func:`overlap_scores`, :func:`surface_scores`: the same on binary masks (B, R, *spatial): Dice / IoU in
+  float64 and MONAI ``compute_hausdorff_distance`` (95th percentile) /
   ``compute_surface_dice`` (the normalised surface Dice of Nikolov et al., J. Med. Internet Res. 2021).
 - :func:`perturbation_scores`: PSNR, SSIM and RMSE of a perturbed input against the clean one, per case, via
   MONAI ``PSNRMetric``, ``SSIMMetric`` and ``RMSEMetric`` (the input-quality columns of Table 1 in the
@@ -39,9 +39,7 @@ from monai.metrics import (
     PSNRMetric,
     RMSEMetric,
     SSIMMetric,
-    compute_dice,
     compute_hausdorff_distance,
-    compute_iou,
     compute_surface_dice,
 )
 from monai.networks.utils import one_hot
@@ -209,16 +207,20 @@ def overlap_scores(
 
     Returns:
         ``{"dice_<name>": (B,), ..., "iou_<name>": (B,), ..., "dice_mean", "iou_mean"}`` float64;
-        Dice = 2|P∩G| / (|P| + |G|), IoU = |P∩G| / |P∪G| (MONAI ``compute_dice`` / ``compute_iou``,
-        ``ignore_empty=False``), the means over the R channels of each case.
+        Dice = 2|P∩G| / (|P| + |G|), IoU = |P∩G| / |P∪G| (the formulas of MONAI ``compute_dice`` /
+        ``compute_iou`` with ``ignore_empty=False``, evaluated in float64), the means over the R channels.
     """
     names = _check_masks(pred, target, names)
     p, t = torch.as_tensor(pred).double(), torch.as_tensor(target).double()
     keep = _keep_mask(ignore, p)
     if keep is not None:
         p, t = p * keep, t * keep
-    dice = compute_dice(p, t, include_background=True, ignore_empty=False).double()
-    iou = compute_iou(p, t, include_background=True, ignore_empty=False).double()
+    # The formulas of MONAI's compute_dice / compute_iou (ignore_empty=False) in float64: MONAI's helpers
+    # reduce in float32, and the card's and sweeps' numbers are compared with float64 oracles.
+    inter, p_sum, t_sum = (p * t).flatten(2).sum(2), p.flatten(2).sum(2), t.flatten(2).sum(2)
+    union = p_sum + t_sum - inter
+    dice = torch.where(p_sum + t_sum > 0, 2 * inter / (p_sum + t_sum).clamp(min=1e-300), 1.0)
+    iou = torch.where(union > 0, inter / union.clamp(min=1e-300), 1.0)
     scores = {f"dice_{n}": dice[:, r] for r, n in enumerate(names)}
     scores.update({f"iou_{n}": iou[:, r] for r, n in enumerate(names)})
     scores["dice_mean"], scores["iou_mean"] = dice.mean(dim=1), iou.mean(dim=1)

@@ -1,14 +1,8 @@
-"""Report writers: per-case CSV, Markdown tables, mean ± sd strings, metric-vs-ε plots.
+"""Tables and number formats of every report: per-case CSV, Markdown tables, mean ± sd strings.
 
-Every writer renders its whole content in memory first and then writes it through :mod:`common.io`,
-so a file appears whole or not at all. Plots use matplotlib's object API (``Figure`` +
-``FigureCanvasAgg``) rather than ``pyplot``: no global backend switch, no global figure state, safe to
-call from any program.
-
-The plot reads a *summary* as built by :func:`common.evaluation.summarise`::
-
-    {"entries": [{"attack": "clean" | name, "eps": float, "eps_display": float, "n": int,
-                  "mean": {metric: float | None}, "sd": {metric: float | None}, ...}, ...], ...}
+Text is rendered whole in memory; :func:`write_csv` writes through :mod:`common.io` (whole or not at
+all). Figures are in :mod:`common.reporting.plots`, the papers' tables in
+:mod:`common.reporting.paper_tables`.
 """
 
 from __future__ import annotations
@@ -21,17 +15,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.io import atomic_path, atomic_write_text
+from common.io import atomic_write_text
 
-__all__ = [
-    "csv_text",
-    "write_csv",
-    "format_mean_sd",
-    "markdown_table",
-    "render_metric_vs_eps",
-    "plot_metric_vs_eps",
-    "write_bytes",
-]
+__all__ = ["csv_text", "write_csv", "format_mean_sd", "markdown_table"]
 
 CLEAN = "clean"
 
@@ -116,79 +102,3 @@ def markdown_table(
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(c), float_format) for c in columns) + " |")
     return "\n".join(lines) + "\n"
-
-
-def render_metric_vs_eps(
-    summary: Mapping[str, Any],
-    metric: str,
-    eps_label: str = "ε",
-    title: str = "",
-    ylabel: str | None = None,
-    dpi: int = 120,
-) -> bytes:
-    """PNG bytes of ``metric`` (mean ± sd band) against ε in display units, one line per attack.
-
-    Every attack's line starts at the clean entry (ε = 0) when the summary has one: an attack of
-    strength 0 is the clean input.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    entries = list(summary.get("entries", []))
-    if not any(metric in e.get("mean", {}) for e in entries):
-        raise ValueError(f"metric: {metric!r} not in the summary")
-    clean = next((e for e in entries if e["attack"] == CLEAN), None)
-    attacks = list(dict.fromkeys(e["attack"] for e in entries if e["attack"] != CLEAN))
-
-    fig = Figure(figsize=(5.5, 4.0), dpi=dpi)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-
-    def _value(v: Any) -> float:
-        return float(v) if v is not None else math.nan
-
-    for name in attacks:
-        points = sorted((e for e in entries if e["attack"] == name), key=lambda e: e["eps_display"])
-        if clean is not None:
-            points = [clean, *points]
-        xs = [0.0 if e is clean else float(e["eps_display"]) for e in points]
-        means = [_value(e["mean"].get(metric)) for e in points]
-        sds = [_value(e["sd"].get(metric)) for e in points]
-        sds = [0.0 if math.isnan(s) else s for s in sds]
-        (line,) = ax.plot(xs, means, marker="o", label=name)
-        ax.fill_between(
-            xs, [m - s for m, s in zip(means, sds)], [m + s for m, s in zip(means, sds)],
-            color=line.get_color(), alpha=0.2, linewidth=0,
-        )
-    if not attacks and clean is not None:
-        ax.plot([0.0], [_value(clean["mean"].get(metric))], marker="o", label=CLEAN)
-    ax.set_xlabel(eps_label)
-    ax.set_ylabel(ylabel or metric)
-    if title:
-        ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="best")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def plot_metric_vs_eps(
-    path: str | os.PathLike,
-    summary: Mapping[str, Any],
-    metric: str,
-    eps_label: str = "ε",
-    title: str = "",
-    ylabel: str | None = None,
-    dpi: int = 120,
-) -> Path:
-    """Write :func:`render_metric_vs_eps`'s PNG to ``path`` atomically."""
-    return write_bytes(path, render_metric_vs_eps(summary, metric, eps_label, title, ylabel, dpi))
-
-
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)

@@ -1,4 +1,4 @@
-"""Family-wise error control: Bonferroni and Holm step-down, vectorised over the last axis.
+"""Paired tests and family-wise error control: Wilcoxon signed-rank (scipy), Bonferroni and Holm step-down.
 
 Used for the many per-pixel tests of randomized-smoothing certification (millions of p-values, one
 family per image) and for the few Wilcoxon tests of a robustness table. scipy has no Holm
@@ -12,11 +12,21 @@ family of m hypotheses. One ``argsort`` per call, no Python loop over hypotheses
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+from scipy.stats import wilcoxon
 
 from common.validation import check_probability
 
-__all__ = ["bonferroni_adjust", "holm_adjust", "bonferroni_reject", "holm_reject"]
+__all__ = [
+    "bonferroni_adjust",
+    "holm_adjust",
+    "bonferroni_reject",
+    "holm_reject",
+    "paired_wilcoxon",
+    "compare_with_clean",
+]
 
 
 def _as_pvalues(pvalues) -> np.ndarray:
@@ -60,3 +70,53 @@ def holm_reject(pvalues, alpha: float) -> np.ndarray:
     """Boolean mask of hypotheses rejected by Holm's step-down procedure at family-wise level ``alpha``."""
     alpha = check_probability(alpha, "alpha")
     return holm_adjust(pvalues) <= alpha
+
+
+def paired_wilcoxon(clean: np.ndarray, attacked: np.ndarray) -> np.ndarray:
+    """Two-sided Wilcoxon signed-rank p-values of ``attacked`` against ``clean``, paired along the last axis.
+
+    Args:
+        clean: per-case values (..., n), broadcastable to ``attacked``.
+        attacked: per-case values (..., n), case i paired with ``clean``'s case i.
+
+    Returns:
+        p-values of shape ``attacked.shape[:-1]``, from ``scipy.stats.wilcoxon`` with its defaults
+        (zero differences dropped, exact distribution for small n without ties). Where all differences
+        are zero (an attack that changed nothing) scipy has no test (NaN); the p-value is then 1.0:
+        no evidence of a difference. With a single case the exact two-sided p-value is 1.0 as well
+        (the smallest attainable with n = 1), which scipy refuses to compute.
+    """
+    clean = np.asarray(clean, dtype=np.float64)
+    attacked = np.asarray(attacked, dtype=np.float64)
+    clean, attacked = np.broadcast_arrays(clean, attacked)
+    if attacked.ndim == 0 or attacked.shape[-1] < 1:
+        raise ValueError("attacked: expected at least one case along the last axis")
+    if not (np.isfinite(clean).all() and np.isfinite(attacked).all()):
+        raise ValueError("attacked: the Wilcoxon test needs finite values")
+    all_zero = (attacked == clean).all(axis=-1)
+    if attacked.shape[-1] == 1:
+        return np.ones(attacked.shape[:-1], dtype=np.float64)
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = np.asarray(wilcoxon(attacked, clean, axis=-1).pvalue, dtype=np.float64)
+    return np.where(all_zero, 1.0, p)
+
+
+def compare_with_clean(clean: np.ndarray, attacked: np.ndarray) -> dict[str, np.ndarray]:
+    """Wilcoxon p-values and their Bonferroni / Holm adjustment over a family of (attack, ε) tests.
+
+    Args:
+        clean: (M, n) per-case values of M metrics on clean inputs.
+        attacked: (M, k, n): the same metrics under k (attack, ε) settings, cases in the same order.
+
+    Returns:
+        ``{"p_wilcoxon", "p_bonferroni", "p_holm"}``, each (M, k); the family of each metric is its k tests.
+    """
+    clean = np.asarray(clean, dtype=np.float64)
+    attacked = np.asarray(attacked, dtype=np.float64)
+    if clean.ndim != 2 or attacked.ndim != 3 or attacked.shape[::2] != clean.shape:
+        raise ValueError(
+            f"attacked: expected shape (M, k, n) for clean (M, n) = {clean.shape}, got {attacked.shape}"
+        )
+    p = paired_wilcoxon(clean[:, None, :], attacked)
+    return {"p_wilcoxon": p, "p_bonferroni": bonferroni_adjust(p), "p_holm": holm_adjust(p)}

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from helpers import browser_check
-from common.card.render import FILES, render_card
+from common.reporting.card import FILES, render_card
 
 CLASSES = ["liver", "tumour <&> core"]
 CASES = ["case_000", 'case<&>"1"', "case_002", "case|3"]
@@ -457,7 +457,7 @@ def test_bad_examples_raise_naming_the_array(tmp_path):
 
 
 def test_many_classes_plot_their_mean_and_label_colours():
-    from common.card import plots
+    from common.reporting import plots
 
     values = [
         {"a": 0.2, "b": None, "c": 0.6, "d": 0.1, "e": 0.3},

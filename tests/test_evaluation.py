@@ -214,7 +214,7 @@ def test_sweep_regions_case_ids_from_meta_and_deep_supervision(tmp_path):
     summary = sweep.run([{"image": image, "label": labels}, {"image": image.as_tensor(), "label": labels}])
     rows = _read_csv(tmp_path / "per_case.csv")
     assert len(rows) == 4 * 2
-    assert [r["case_id"] for r in rows[:4]] == ["p1.nii.gz", "p2.nii.gz", "2", "3"]
+    assert [r["case_id"] for r in rows[:4]] == ["p1", "p2", "case_002", "case_003"]  # common.metrics.case_id
     assert {"dice_WT", "dice_TC", "dice_ET", "iou_ET"} <= set(rows[0])
     assert summary["tested_metrics"] == ["dice_WT", "dice_TC", "dice_ET", "dice_mean"]
 

@@ -1,4 +1,5 @@
-"""common.report: CSV round trip and column order, Markdown tables, mean ± sd strings, PNG plots."""
+"""common.report and common.reporting.plots: CSV round trip and column order, Markdown tables, mean ± sd
+strings, PNG plots."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import matplotlib
 import pytest
 from PIL import Image
 
-from common.report import csv_text, format_mean_sd, markdown_table, plot_metric_vs_eps, write_csv
+from common.io import atomic_write_bytes
+from common.report import csv_text, format_mean_sd, markdown_table, write_csv
+from common.reporting.plots import render_metric_vs_eps
 
 
 def _summary():
@@ -74,7 +77,7 @@ def test_markdown_table_exact():
 
 def test_plot_metric_vs_eps_writes_png_without_touching_pyplot_backend(tmp_path):
     backend = matplotlib.get_backend()
-    path = plot_metric_vs_eps(tmp_path / "plot.png", _summary(), "dice_mean", eps_label="ε (0–255)")
+    path = atomic_write_bytes(tmp_path / "plot.png", render_metric_vs_eps(_summary(), "dice_mean", eps_label="ε (0–255)"))
     with Image.open(path) as im:
         assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
     assert matplotlib.get_backend() == backend
@@ -83,5 +86,5 @@ def test_plot_metric_vs_eps_writes_png_without_touching_pyplot_backend(tmp_path)
 
 def test_plot_unknown_metric_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="metric"):
-        plot_metric_vs_eps(tmp_path / "plot.png", _summary(), "jaccard_mean")
+        atomic_write_bytes(tmp_path / "plot.png", render_metric_vs_eps(_summary(), "iou_mean"))
     assert list(tmp_path.iterdir()) == []

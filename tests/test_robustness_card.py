@@ -27,7 +27,7 @@ from common.attacks import IFGSM, inverted_target
 from helpers import browser_check
 from common.card.bundle_reader import input_range_of, read_bundle
 from common.card.cases import CaseRef, load_case, read_datalist
-from common.card.parts import ALPHA_FACTOR, cert_part, part_generator
+from common.card.parts import cert_part, part_generator
 from common.card.runner import run_card
 from common.certify import certify
 from common.checkpoint import save_weights
@@ -185,8 +185,7 @@ def test_zoo_card_matches_direct_calls(zoo):
         assert card["clean"]["per_case"][case.case_id]["spleen"] == pytest.approx(clean[-1], abs=1e-12)
         # one attack at one eps: I-FGSM with the cross-entropy loss at eps = 0.08
         eps = 0.08
-        x_adv = IFGSM(forward, eps, alpha=ALPHA_FACTOR * eps / FAST["steps"], steps=FAST["steps"], loss="ce",
-                      clip=(0.0, 1.0))(x, y)
+        x_adv = IFGSM(forward, eps, steps=FAST["steps"], loss="ce", clip=(0.0, 1.0))(x, y)  # IFGSM's α = ε / N
         with torch.no_grad():
             pred_adv = forward(x_adv).argmax(1)[0].numpy()
         entry = next(e for e in card["attacks"] if e["name"] == "IFGSM-ce" and e["eps"] == eps)
@@ -200,12 +199,9 @@ def test_zoo_card_matches_direct_calls(zoo):
         p, g = (labels == 1) & kept, (truth == 1) & kept
         got = card["certification"][0]["per_case"][case.case_id]
         assert got["abstain_fraction"] == pytest.approx(1 - kept.mean(), abs=1e-12)
-        if g.any():
-            # MONAI's compute_dice runs in float32
-            expected = 2 * (p & g).sum() / (p.sum() + g.sum())
-            assert got["certified_dice"]["spleen"] == pytest.approx(expected, abs=1e-6)
-        else:
-            assert got["certified_dice"]["spleen"] is None
+        # empty-class rule (common.metrics.EMPTY_CLASS_RULE): absent from both the kept truth and prediction -> 1
+        expected = 2 * (p & g).sum() / (p.sum() + g.sum()) if (p.any() or g.any()) else 1.0
+        assert got["certified_dice"]["spleen"] == pytest.approx(expected, abs=1e-12)
     assert 0 < card["certification"][0]["abstain_fraction"] < 0.5  # n = 64 draws certify most voxels
     assert card["clean"]["mean"]["spleen"] == pytest.approx(np.mean(clean), abs=1e-12)
     assert entry["mean"]["spleen"] == pytest.approx(np.mean(attacked), abs=1e-12)
@@ -365,7 +361,7 @@ def _seeded_weights(root: Path, overrides: dict, files: list[str]) -> None:
 
 @pytest.mark.parametrize("name", list(PROJECT))
 def test_project_bundle_cards(name, tmp_path):
-    from common.card.render import validate_card, validate_examples
+    from common.reporting.card import validate_card, validate_examples
 
     kind, size, label_map, hu, overrides, files = PROJECT[name]
     root = tmp_path / name

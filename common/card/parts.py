@@ -1,10 +1,11 @@
-"""The measured parts of a robustness card for one case: clean Dice, attacks, certification, timing.
+"""The measured parts of a robustness card, as a configuration of the evaluation engine.
 
-Everything runs on ``common``: :func:`common.evaluation.predict_labels` and
-:func:`common.metrics.segmentation_scores` (MONAI ``DiceMetric``) for Dice, :mod:`common.attacks` for
-FGSM / I-FGSM and the targeted I-FGSM toward the inverted mask (NLCEN, He et al., AAAI 2019), :func:`common.certify.
-certify` and :func:`common.certify.certified_metrics` for randomized smoothing (Laousy et al. 2023).
-One case's result is a plain JSON record (:func:`evaluate_case`), so it can be cached and reused.
+:func:`card_perturbations` lists what every case goes through — clean (the median of
+:data:`CLEAN_REPEATS` timed passes), each attack of :data:`ATTACKS` at each ε (built by
+:func:`common.evaluation.engine.build_attack` from :data:`common.attacks.ATTACKS` with the attack classes'
+own defaults, e.g. I-FGSM's α = ε / N), and randomized smoothing at each σ (Laousy et al., MICCAI 2023) —
+and :func:`common.evaluation.engine.evaluate` runs them, one row per case and part.
+:func:`example_observer` keeps the example slices of the first case.
 
 Randomness: certification noise comes from a ``torch.Generator`` seeded by :func:`part_seed` from the
 card's seed, the case id and the part name, so a case gives the same numbers whatever its position in
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,27 +23,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.attacks import FGSM, IFGSM, Attack, inverted_target
-from common.certify import certified_metrics, certify
-from common.evaluation import predict_labels
-from common.metrics import segmentation_scores
+from common.attacks import inverted_target
+from common.evaluation.engine import Perturbation, attacked, build_attack, clean, smoothed
 
 __all__ = [
     "ATTACKS",
+    "CLEAN_REPEATS",
     "PartSettings",
     "attack_settings",
-    "build_attack",
+    "card_perturbations",
     "part_seed",
     "part_generator",
     "cert_part",
-    "evaluate_case",
+    "example_observer",
     "example_slice",
     "mean_or_none",
     "sd_or_none",
-    "timings",
 ]
 
-#: name -> (class, loss, targeted); I-FGSM steps and α come from :class:`PartSettings`.
+#: name -> (attack class in common.attacks.ATTACKS, loss, targeted); steps come from :class:`PartSettings`.
 ATTACKS: dict[str, tuple[str, str, bool]] = {
     "FGSM-dice": ("FGSM", "dice", False),
     "FGSM-ce": ("FGSM", "ce", False),
@@ -53,8 +50,6 @@ ATTACKS: dict[str, tuple[str, str, bool]] = {
     "targeted-IFGSM-dice": ("IFGSM", "dice", True),
     "targeted-IFGSM-ce": ("IFGSM", "ce", True),
 }
-#: α of I-FGSM as a multiple of ε / steps (Madry et al. 2018's 2.5 ε / N)
-ALPHA_FACTOR = 2.5
 #: clean forward passes per case; their median time is the card's unit of cost
 CLEAN_REPEATS = 3
 TARGET = "inverted mask (background -> class 1, every other class -> background)"
@@ -80,7 +75,7 @@ class PartSettings:
 
 
 def attack_settings(steps: int, attacks: Sequence[str] = tuple(ATTACKS)) -> dict[str, dict[str, Any]]:
-    """The card's description of every attack (``settings.attacks`` of SCHEMA.md)."""
+    """The card's description of every attack (``settings.attacks`` of the card schema)."""
     out = {}
     for name in attacks:
         kind, loss, targeted = ATTACKS[name]
@@ -90,20 +85,10 @@ def attack_settings(steps: int, attacks: Sequence[str] = tuple(ATTACKS)) -> dict
             "loss": loss,
             "targeted": targeted,
             "steps": steps if iterative else 1,
-            "alpha": f"{ALPHA_FACTOR:g}*eps/steps" if iterative else "eps",
+            "alpha": "eps/steps" if iterative else "eps",
             "target": TARGET if targeted else None,
         }
     return out
-
-
-def build_attack(name: str, forward: Callable, eps: float, steps: int, clip) -> Attack:
-    """The attack ``name`` of :data:`ATTACKS` at ε (input units)."""
-    kind, loss, targeted = ATTACKS[name]
-    if kind == "FGSM":
-        return FGSM(forward, eps, loss=loss, clip=clip)
-    target_fn = functools.partial(inverted_target, foreground=1) if targeted else None
-    return IFGSM(forward, eps, alpha=ALPHA_FACTOR * eps / steps, steps=steps, loss=loss, targeted=targeted,
-                 clip=clip, target_fn=target_fn)
 
 
 def part_seed(seed: int, case_id: str, part: str) -> int:
@@ -122,22 +107,38 @@ def cert_part(sigma_fraction: float) -> str:
     return f"certification@sigma={sigma_fraction:g}"
 
 
-def _finite_or_none(value: float) -> float | None:
-    value = float(value)
-    return value if math.isfinite(value) else None
+def card_perturbations(
+    forward: Callable, settings: PartSettings, sigma_names: Sequence[float], certify: bool = True
+) -> list[Perturbation]:
+    """Clean, every attack of ``settings.attacks`` at every ε, and (with ``certify``) smoothing at every σ
+    (named :func:`cert_part` of ``sigma_names``, the σ grid in the card's unit)."""
+    perts = [clean()]
+    for name in settings.attacks:
+        kind, loss, targeted = ATTACKS[name]
+        kwargs: dict[str, Any] = {"loss": loss, "clip": settings.clip}
+        if kind != "FGSM":
+            kwargs.update(steps=settings.steps, targeted=targeted,
+                          target_fn=functools.partial(inverted_target, foreground=1) if targeted else None)
+        perts += [attacked(name, eps, build_attack(kind, forward, eps, **kwargs)) for eps in settings.eps]
+    if certify:
+        for sigma, label in zip(settings.sigmas, sigma_names):
+            part, seed = cert_part(label), settings.seed
+            gen = functools.partial(_case_generator, seed, part)
+            perts.append(smoothed(sigma, settings.n0, settings.n, settings.alpha, settings.tau, settings.correction,
+                                  settings.batch_size, gen, name=part))
+    return perts
 
 
-def _dice(pred: torch.Tensor, y: torch.Tensor, num_classes: int, names: Sequence[str]) -> dict[str, float]:
-    scores = segmentation_scores(pred, y, num_classes, include_background=False, class_names=list(names))
-    return {c: float(scores[f"dice_{c}"][0]) for c in names[1:]}
+def _case_generator(seed: int, part: str, ids: Sequence[str], device: torch.device) -> torch.Generator:
+    return part_generator(seed, ids[0], part, device)
 
 
 def example_slice(y: torch.Tensor) -> tuple[int | None, int | None]:
-    """For a 3D label (1, 1, X, Y, Z): the last spatial axis (2) and the slice with the most foreground;
+    """For a 3D label (1, C, X, Y, Z): the last spatial axis (2) and the slice with the most foreground;
     ``(None, None)`` for 2D."""
     if y.ndim == 4:
         return None, None
-    counts = (y[0, 0] > 0).sum(dim=(0, 1))
+    counts = (y[0] > 0).any(0).sum(dim=(0, 1))
     return 2, int(torch.argmax(counts))
 
 
@@ -149,84 +150,28 @@ def _plane(t: torch.Tensor, axis: int | None, index: int | None) -> np.ndarray:
     return a.detach().cpu().numpy()
 
 
-def evaluate_case(
-    forward: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    case_id: str,
-    class_names: Sequence[str],
-    settings: PartSettings,
-    sigma_names: Sequence[float],
-    example: tuple[str, int, int] | None = None,
-) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
-    """Evaluate one case: x (1, C, *spatial) float, y (1, 1, *spatial) int64.
+def example_observer(first_case: str, attack: str, eps: float, sigma: float) -> Callable:
+    """An engine observer keeping the card's example planes of ``first_case``: the clean image and prediction,
+    the ``attack`` at ``eps`` and its prediction, the certified map at ``sigma`` (input units) — keyed
+    ``"<case_id>/<array>"`` so the engine caches them with the case."""
 
-    Args:
-        sigma_names: the σ grid in the card's unit (names the certification parts; ``settings.sigmas`` are
-            the same values in input units).
-        example: ``(attack name, ε index, σ index)`` to keep as the card's example slices, or ``None``.
+    def keep(k, ids, model, pert, x, y, outcome) -> dict[str, np.ndarray] | None:
+        if ids[0] != first_case:
+            return None
+        axis, index = example_slice(y)
+        out = {"slice": np.array([-1 if axis is None else axis, -1 if index is None else index])}
+        if pert.kind == "clean":
+            out.update(image=_plane(x, axis, index).astype(np.float32),
+                       label=_plane(y, axis, index).astype(np.int64),
+                       pred_clean=_plane(outcome["pred"], axis, index).astype(np.int64))
+        elif pert.kind == "attack" and (pert.name, pert.eps) == (attack, eps):
+            out.update(adversarial=_plane(outcome["x"], axis, index).astype(np.float32),
+                       pred_adversarial=_plane(outcome["pred"], axis, index).astype(np.int64))
+        elif pert.kind == "smoothing" and pert.sigma == sigma:
+            out["pred_certified"] = _plane(outcome["pred"], axis, index).astype(np.int64)
+        return {f"{ids[0]}/{name}": value for name, value in out.items()}
 
-    Returns:
-        the JSON record ``{"case_id", "clean": {class: Dice}, "attacks": {name: [{class: Dice} per ε]},
-        "certification": [{"certified_dice": {class: Dice | None}, "abstain_fraction"} per σ],
-        "timing": {"clean_forward": s (median of 3 passes), <attack name>: s per ε (mean),
-        <certification part>: s}}``, and the
-        example arrays of SCHEMA.md (or ``None``).
-    """
-    k = len(class_names)
-    timing: dict[str, float] = {}
-    spent = []
-    for _ in range(CLEAN_REPEATS):  # the median of a few passes: the reference of every cost ratio
-        start = time.perf_counter()
-        clean_pred = predict_labels(forward, x, k)
-        spent.append(time.perf_counter() - start)
-    timing["clean_forward"] = float(np.median(spent))
-    record: dict[str, Any] = {"case_id": case_id, "clean": _dice(clean_pred, y, k, class_names),
-                              "attacks": {}, "certification": []}
-    kept: dict[str, torch.Tensor] = {}
-    for name in settings.attacks:
-        per_eps, spent = [], 0.0
-        for j, eps in enumerate(settings.eps):
-            start = time.perf_counter()
-            x_adv = build_attack(name, forward, eps, settings.steps, settings.clip)(x, y)
-            pred = predict_labels(forward, x_adv, k)
-            spent += time.perf_counter() - start
-            per_eps.append(_dice(pred, y, k, class_names))
-            if example is not None and (name, j) == example[:2]:
-                kept["adversarial"], kept["pred_adversarial"] = x_adv, pred
-        record["attacks"][name] = per_eps
-        timing[name] = spent / len(settings.eps)
-    for i, (sigma, label) in enumerate(zip(settings.sigmas, sigma_names)):
-        part = cert_part(label)
-        start = time.perf_counter()
-        cert = certify(forward, x, sigma, n0=settings.n0, n=settings.n, alpha=settings.alpha,
-                       tau=settings.tau, correction=settings.correction, batch_size=settings.batch_size,
-                       generator=part_generator(settings.seed, case_id, part, x.device))
-        timing[part] = time.perf_counter() - start
-        scores = certified_metrics(cert, y, k, include_background=False)
-        record["certification"].append({
-            "certified_dice": {c: _finite_or_none(scores[f"dice_{i_c}"][0])
-                               for i_c, c in enumerate(class_names) if i_c > 0},
-            "abstain_fraction": float(scores["abstained_fraction"][0]),
-            "certified_radius": float(cert.radius),
-        })
-        if example is not None and i == example[2]:
-            kept["pred_certified"] = cert.labels[:, None]
-    record["timing"] = timing
-    if example is None:
-        return record, None
-    axis, index = example_slice(y)
-    arrays = {
-        "image": _plane(x, axis, index).astype(np.float32),
-        "adversarial": _plane(kept["adversarial"], axis, index).astype(np.float32),
-        "label": _plane(y, axis, index).astype(np.int64),
-        "pred_clean": _plane(clean_pred, axis, index).astype(np.int64),
-        "pred_adversarial": _plane(kept["pred_adversarial"], axis, index).astype(np.int64),
-        "pred_certified": _plane(kept["pred_certified"], axis, index).astype(np.int64),
-    }
-    arrays["perturbation"] = arrays["adversarial"] - arrays["image"]
-    record["example"] = {"slice_axis": axis, "slice_index": index}
-    return record, arrays
+    return keep
 
 
 def mean_or_none(values: Sequence[float | None]) -> float | None:
@@ -241,7 +186,9 @@ def sd_or_none(values: Sequence[float | None]) -> float | None:
     return float(np.std(vals, ddof=1)) if len(vals) > 1 else None
 
 
-def timings(records: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """Mean seconds per case of every timed part over the records."""
-    parts = list(next(iter(records.values()))["timing"])
-    return {p: float(np.mean([r["timing"][p] for r in records.values()])) for p in parts}
+def rows_by_part(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, float, float], dict[str, Mapping]]:
+    """{(perturbation, ε, σ): {case_id: row}} of engine rows."""
+    out: dict[tuple[str, float, float], dict[str, Mapping]] = {}
+    for r in rows:
+        out.setdefault((r["perturbation"], r["eps"], r["sigma"]), {})[r["case_id"]] = r
+    return out

@@ -3,17 +3,21 @@
 :func:`run_card` reads the bundle (:mod:`common.card.bundle_reader`) and the datalist
 (:mod:`common.card.cases`), validates everything first (every case is loaded and its label checked, the
 forward is checked on the first case) so that bad input raises before anything is written, then
-evaluates every case (:mod:`common.card.parts`), aggregates (means, sd, two-sided Wilcoxon signed-rank
-tests of each (attack, ε) against clean with Holm correction over the (attack, ε) family of each class,
-:func:`common.evaluation.compare_with_clean`), and writes ``card.json``, ``examples.npz`` and the
-rendered card (:func:`common.card.render.render_card`) into a staging folder that is moved into
-``output_dir`` only when everything succeeded (:func:`common.io.staged_directory`).
+evaluates every case with the evaluation engine (:func:`common.evaluation.engine.evaluate` with the
+parts of :mod:`common.card.parts`), aggregates the engine's rows (means, sd, two-sided Wilcoxon
+signed-rank tests of each (attack, ε) against clean with Holm correction over the (attack, ε) family of
+each class, :func:`common.stats.compare_with_clean`), and writes ``card.json``, ``examples.npz`` and the
+rendered card (:func:`common.reporting.card.render_card_files`) as one report set
+(:func:`common.io.write_report_set`: rendered and staged first, moved in, ``manifest.json`` written last,
+so a reader trusts a folder whose manifest matches, :func:`common.io.read_manifest`). The output folder
+is checked for writability and free space before any case is evaluated.
 
-Resume: each case's record is cached as ``output_dir/.card_cache/<key>/<case_id>.json`` (atomically),
-``<key>`` a hash of every setting that changes the numbers (grids, seed, attack and certification
-parameters, the config file, overrides and checkpoint hashes). A cached record is reused when the
-image and label files still have the hashes it was computed from. The cache is not part of the card
-and survives a failed run.
+Resume: each case's rows are cached by the engine (:class:`common.evaluation.engine.CaseCache`) as
+``output_dir/.card_cache/<key>/<case_id>.json`` (atomically), ``<key>`` a hash of every setting that
+changes the numbers (grids, seed, attack and certification parameters, the config file, overrides and
+checkpoint hashes). A cached entry is reused when it parses and the image and label files still have the
+hashes it was computed from; an unreadable entry is recomputed with a warning naming it. The cache is not
+part of the card and survives a failed run.
 
 Units: ε and σ are given as fractions of the input range (the intensity range of the network input,
 from the preprocessing); the card states both that and the values in input units.
@@ -22,7 +26,6 @@ from the preprocessing); the card states both that and the values in input units
 from __future__ import annotations
 
 import datetime
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -35,21 +38,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from common.card.bundle_reader import Bundle, check_forward, read_bundle, sha256_file
 from common.card.cases import CaseRef, load_case, read_datalist
 from common.card.parts import (
     ATTACKS,
+    CLEAN_REPEATS,
     PartSettings,
     attack_settings,
-    evaluate_case,
+    card_perturbations,
+    cert_part,
+    example_observer,
     mean_or_none,
+    rows_by_part,
     sd_or_none,
-    timings,
 )
-from common.evaluation import compare_with_clean
-from common.io import atomic_path, atomic_write_json, staged_directory
+from common.evaluation.engine import CaseCache, Scoring, evaluate, progress_bar, settings_hash
+from common.io import atomic_write_npz, check_writable, write_report_set
+from common.metrics import EMPTY_CLASS_RULE
+from common.stats import compare_with_clean
 from common.validation import check_nonnegative, check_positive_int, check_probability
 
 __all__ = ["run_card", "DEFAULT_EPS", "DEFAULT_SIGMAS", "CACHE_DIR", "SCHEMA_VERSION", "EXAMPLE_ATTACK"]
@@ -89,7 +96,7 @@ def _validate_cases(bundle: Bundle, cases: Sequence[CaseRef], progress: bool) ->
     and the number of spatial dims."""
     low, high = float("inf"), float("-inf")
     spatial = None
-    for i, case in enumerate(tqdm(cases, desc="checking cases", disable=not progress, leave=False)):
+    for i, case in enumerate(progress_bar(cases, "checking cases", len(cases), progress)):
         x, _ = load_case(bundle, case)
         if spatial is None:
             spatial = x.ndim
@@ -102,44 +109,30 @@ def _validate_cases(bundle: Bundle, cases: Sequence[CaseRef], progress: bool) ->
 
 
 def _cache_key(bundle: Bundle, settings: Mapping[str, Any]) -> str:
-    body = {
+    return settings_hash({
         "settings": settings,
         "config_sha256": sha256_file(bundle.config_path),
         "checkpoint_sha256": bundle.checkpoint_sha256,
         "extra_checkpoints": {k: v["sha256"] for k, v in bundle.extra_checkpoints.items()},
         "overrides": bundle.overrides,
         "class_names": bundle.class_names,
-    }
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    })
 
 
-def _cached(path: Path, inputs: Mapping[str, str], need_example: bool) -> dict[str, Any] | None:
-    """The cached record at ``path`` if it was computed from the same files (and has its example arrays)."""
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if record.get("inputs") != dict(inputs):
-        return None
-    if need_example and ("example" not in record or not path.with_suffix(".npz").is_file()):
-        return None
-    return record
-
-
-def _attack_entries(records: Mapping[str, Mapping[str, Any]], run: _Run) -> list[dict]:
+def _attack_entries(parts: Mapping, run: _Run) -> list[dict]:
     """One entry per (attack, ε): mean, sd, per-case Dice, Wilcoxon p against clean and its Holm
     adjustment over the (attack, ε) family of each class."""
-    ids, classes = list(records), run.bundle.foreground_names
-    clean = np.array([[records[c]["clean"][k] for c in ids] for k in classes], dtype=np.float64)  # (M, n)
+    ids, classes = _ids(run), run.bundle.foreground_names
+    clean = parts[("clean", 0.0, 0.0)]
     keys = [(a, j) for a in ATTACKS for j in range(len(run.eps))]
-    attacked = np.array([[[records[c]["attacks"][a][j][k] for c in ids] for a, j in keys] for k in classes],
-                        dtype=np.float64)  # (M, k, n)
-    tests = compare_with_clean(clean, attacked)
+    dice = {(a, j): parts[(a, run.eps_input[j], 0.0)] for a, j in keys}
+    tests = compare_with_clean(
+        np.array([[clean[c][f"dice_{k}"] for c in ids] for k in classes], dtype=np.float64),  # (M, n)
+        np.array([[[dice[key][c][f"dice_{k}"] for c in ids] for key in keys] for k in classes], dtype=np.float64),
+    )
     out = []
     for t, (a, j) in enumerate(keys):
-        per_case = {c: dict(records[c]["attacks"][a][j]) for c in ids}
+        per_case = {c: {k: dice[(a, j)][c][f"dice_{k}"] for k in classes} for c in ids}
         out.append({
             "name": a, "eps": run.eps[j], "eps_input_units": run.eps_input[j],
             "mean": {k: mean_or_none([per_case[c][k] for c in ids]) for k in classes},
@@ -151,23 +144,39 @@ def _attack_entries(records: Mapping[str, Mapping[str, Any]], run: _Run) -> list
     return out
 
 
-def _cert_entries(records: Mapping[str, Mapping[str, Any]], run: _Run) -> list[dict]:
+def _cert_entries(parts: Mapping, run: _Run) -> list[dict]:
     """One entry per σ: mean certified Dice (abstained pixels ignored), abstained fraction, radius."""
-    ids, classes = list(records), run.bundle.foreground_names
+    ids, classes = _ids(run), run.bundle.foreground_names
     out = []
     for i, sigma in enumerate(run.sigmas):
-        rows = {c: records[c]["certification"][i] for c in ids}
-        per_case = {c: {"certified_dice": dict(r["certified_dice"]),
-                        "abstain_fraction": float(r["abstain_fraction"])} for c, r in rows.items()}
+        rows = parts[(cert_part(sigma), 0.0, run.sigmas_input[i])]
+        per_case = {c: {"certified_dice": {k: rows[c][f"dice_{k}"] for k in classes},
+                        "abstain_fraction": float(rows[c]["abstained_fraction"])} for c in ids}
         out.append({
             "sigma": sigma, "sigma_input_units": run.sigmas_input[i],
-            "certified_dice": {k: mean_or_none([per_case[c]["certified_dice"][k] for c in ids])
-                               for k in classes},
+            "certified_dice": {k: mean_or_none([per_case[c]["certified_dice"][k] for c in ids]) for k in classes},
             "abstain_fraction": float(np.mean([per_case[c]["abstain_fraction"] for c in ids])),
-            "certified_radius": float(rows[ids[0]]["certified_radius"]),
+            "certified_radius": float(rows[ids[0]]["radius"]),
             "per_case": per_case,
         })
     return out
+
+
+def _cost(parts: Mapping, run: _Run) -> dict[str, Any]:
+    """Mean seconds per case of the clean forward and of every part (an attack: mean over its ε grid),
+    and each part's ratio to the clean forward."""
+    ids = _ids(run)
+    forward_s = float(np.mean([parts[("clean", 0.0, 0.0)][c]["seconds"] for c in ids]))
+    cost = {a: float(np.mean([parts[(a, e, 0.0)][c]["seconds"] for c in ids for e in run.eps_input])) for a in ATTACKS}
+    for sigma, sigma_input in zip(run.sigmas, run.sigmas_input):
+        cost[cert_part(sigma)] = float(np.mean([parts[(cert_part(sigma), 0.0, sigma_input)][c]["seconds"] for c in ids]))
+    return {"clean_forward_s_per_case": forward_s,
+            "parts": {p: {"s_per_case": s, "ratio_to_forward": s / forward_s if forward_s > 0 else None}
+                      for p, s in cost.items()}}
+
+
+def _ids(run: _Run) -> list[str]:
+    return [c.case_id for c in run.cases]
 
 
 def _command(args: Mapping[str, Any]) -> str:
@@ -238,33 +247,26 @@ def _prepare(args: dict[str, Any], progress: bool) -> _Run:
                 Path(args["output_dir"]) / CACHE_DIR / key, args)
 
 
-def _evaluate(run: _Run, progress: bool) -> tuple[dict[str, dict[str, Any]], int]:
-    """Every case's record, from the cache when it holds one for the same files, else computed and cached.
-    The first case also keeps the example slices (``<case_id>.npz`` beside its record)."""
-    example = (EXAMPLE_ATTACK, len(run.eps) - 1, 0)
-    records: dict[str, dict[str, Any]] = {}
-    reused = 0
-    bar = tqdm(run.cases, desc=f"robustness card {run.bundle.name}", disable=not progress)
-    for case in bar:
-        bar.set_postfix_str(case.case_id)
-        inputs = {"image_sha256": sha256_file(case.image), "label_sha256": sha256_file(case.label)}
-        path = run.cache / f"{case.case_id}.json"
-        is_example = case is run.cases[0]
-        record = _cached(path, inputs, is_example)
-        if record is not None:
-            reused += 1
-        else:
+def _evaluate(run: _Run, progress: bool) -> tuple[dict, dict[str, np.ndarray], int]:
+    """Every case through the engine, from the cache when it holds the case for the same files; returns
+    the rows by part (:func:`common.card.parts.rows_by_part`), the example arrays and the reused count."""
+    first = run.cases[0].case_id
+
+    def batches():
+        for case in run.cases:
             x, y = load_case(run.bundle, case)
-            record, arrays = evaluate_case(run.bundle.forward, x, y, case.case_id, run.bundle.class_names,
-                                           run.parts, run.sigmas, example if is_example else None)
-            record["inputs"] = inputs
-            if arrays is not None:
-                with atomic_path(path.with_suffix(".npz")) as tmp, open(tmp, "wb") as fh:
-                    np.savez(fh, **arrays)
-            atomic_write_json(path, record)
-        records[case.case_id] = record
-    bar.close()
-    return records, reused
+            yield {"image": x, "label": y, "case_id": [case.case_id], "need_arrays": case.case_id == first,
+                   "fingerprint": {"image_sha256": sha256_file(case.image), "label_sha256": sha256_file(case.label)}}
+
+    b = run.bundle
+    scoring = Scoring(b.num_classes, class_names=b.class_names, output=b.output)
+    observer = example_observer(first, EXAMPLE_ATTACK, run.eps_input[-1], run.sigmas_input[0])
+    result = evaluate(b.forward, batches(), card_perturbations(b.forward, run.parts, run.sigmas), scoring,
+                      clean_repeats=CLEAN_REPEATS, progress=progress, desc=f"robustness card {b.name}",
+                      cache=CaseCache(run.cache, run.cache.name), observer=observer)
+    prefix = f"{first}/"
+    arrays = {k[len(prefix):]: v for k, v in result.artifacts.items() if k.startswith(prefix)}
+    return rows_by_part(result.rows), arrays, result.reused
 
 
 def _notes(run: _Run, reused: int) -> list[str]:
@@ -273,9 +275,8 @@ def _notes(run: _Run, reused: int) -> list[str]:
     if rng.measured:
         notes.append(f"Input range measured on the {len(run.cases)} cases: {low:g}..{high:g} ({rng.source}).")
     return notes + [
-        "Dice per foreground class (MONAI DiceMetric); a class absent from both the label and the prediction "
-        "scores 1.",
-        f"I-FGSM: steps = {run.parts.steps}, alpha = 2.5 eps / steps, no random start; the targeted I-FGSM "
+        f"Dice per foreground class (MONAI compute_dice); empty classes: {EMPTY_CLASS_RULE}.",
+        f"I-FGSM: steps = {run.parts.steps}, alpha = eps / steps, no random start; the targeted I-FGSM "
         "aims at the inverted mask (background -> class 1, foreground -> background).",
         "Cost: the clean forward is the median of 3 passes per case; an attack's cost is per case and per "
         "eps (crafting plus the prediction), mean over the eps grid; certification is per case and sigma "
@@ -286,12 +287,12 @@ def _notes(run: _Run, reused: int) -> list[str]:
     ]
 
 
-def _card(run: _Run, records: dict[str, dict[str, Any]], reused: int) -> dict[str, Any]:
+def _card(run: _Run, parts: Mapping, slice_: np.ndarray, reused: int) -> dict[str, Any]:
     """The card dict of SCHEMA.md (plus ``command``, ``cache`` and a few documented extra keys)."""
-    b, ids, classes = run.bundle, list(records), run.bundle.foreground_names
-    cost = timings(records)
-    forward_s = cost.pop("clean_forward")
+    b, ids, classes = run.bundle, _ids(run), run.bundle.foreground_names
+    clean = {c: {k: parts[("clean", 0.0, 0.0)][c][f"dice_{k}"] for k in classes} for c in ids}
     first = ids[0]
+    axis, index = (None if int(v) < 0 else int(v) for v in slice_)
     command_args = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in run.args.items()
                     if k not in ("alpha", "tau", "batch_size")}
     return {
@@ -315,15 +316,13 @@ def _card(run: _Run, records: dict[str, dict[str, Any]], reused: int) -> dict[st
                   "sigma_input_units": run.sigmas_input},
         "settings": run.settings,
         "versions": _versions(),
-        "clean": {"mean": {k: mean_or_none([records[c]["clean"][k] for c in ids]) for k in classes},
-                  "sd": {k: sd_or_none([records[c]["clean"][k] for c in ids]) for k in classes},
-                  "per_case": {c: dict(records[c]["clean"]) for c in ids}},
-        "attacks": _attack_entries(records, run),
-        "certification": _cert_entries(records, run),
-        "cost": {"clean_forward_s_per_case": forward_s,
-                 "parts": {p: {"s_per_case": s, "ratio_to_forward": s / forward_s if forward_s > 0 else None}
-                           for p, s in cost.items()}},
-        "examples": {"case_id": first, **records[first]["example"], "attack": EXAMPLE_ATTACK,
+        "clean": {"mean": {k: mean_or_none([clean[c][k] for c in ids]) for k in classes},
+                  "sd": {k: sd_or_none([clean[c][k] for c in ids]) for k in classes},
+                  "per_case": clean},
+        "attacks": _attack_entries(parts, run),
+        "certification": _cert_entries(parts, run),
+        "cost": _cost(parts, run),
+        "examples": {"case_id": first, "slice_axis": axis, "slice_index": index, "attack": EXAMPLE_ATTACK,
                      "eps": run.eps[-1], "sigma": run.sigmas[0]},
         "cache": {"dir": str(run.cache), "reused_cases": reused, "computed_cases": len(ids) - reused},
         "notes": _notes(run, reused),
@@ -382,24 +381,22 @@ def run_card(
     if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0:
         set_determinism(seed=seed)
     run = _prepare(args, progress)
-    records, reused = _evaluate(run, progress)
-    with np.load(run.cache / f"{run.cases[0].case_id}.npz") as npz:
-        examples = {k: npz[k] for k in npz.files}
-    return _write(_card(run, records, reused), examples, Path(output_dir))
+    check_writable(output_dir)
+    parts, arrays, reused = _evaluate(run, progress)
+    slice_ = arrays.pop("slice")
+    arrays["perturbation"] = arrays["adversarial"] - arrays["image"]
+    return _write(_card(run, parts, slice_, reused), arrays, Path(output_dir))
 
 
 def _write(card: dict[str, Any], examples: Mapping[str, np.ndarray], out_dir: Path) -> dict[str, Path]:
-    """Stage card.json, examples.npz and the rendered card, then move them into ``out_dir``."""
-    from common.card.render import render_card
+    """card.json, examples.npz and the rendered card, rendered in memory, then written as one report set
+    with ``manifest.json`` last."""
+    from common.reporting.card import FILES, render_card_files
 
-    text = json.dumps(card, indent=2, allow_nan=False)  # serialise first: a bad value fails before any write
-    names: dict[str, str] = {}
-    with staged_directory(out_dir, subdirs=(".",)) as staging:
-        atomic_write_json(staging / "card.json", json.loads(text))
-        with atomic_path(staging / "examples.npz") as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **examples)
-        rendered = render_card(card, dict(examples), staging)
-        names = {"json": "card.json", "examples_npz": "examples.npz"}
-        names.update({k: Path(p).name for k, p in rendered.items()})
+    text = json.dumps(card, indent=2, allow_nan=False) + "\n"  # serialise first: a bad value fails before any write
+    files: dict[str, Any] = {"card.json": text,
+                             "examples.npz": lambda path: atomic_write_npz(path, dict(examples))}
+    files.update(render_card_files(card, dict(examples)))
+    write_report_set(out_dir, files, manifest=True)
+    names = {"json": "card.json", "examples_npz": "examples.npz", **FILES}
     return {k: out_dir / name for k, name in names.items()}

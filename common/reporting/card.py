@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from common.card.plots import ABSTAIN, certified_dice_vs_sigma_png, dice_vs_eps_png, examples_png
-from common.io import atomic_path, atomic_write_text
+from common.io import write_report_set
+from common.reporting.plots import ABSTAIN, certified_dice_vs_sigma_png, dice_vs_eps_png, examples_png
 
 __all__ = [
     "DASH",
@@ -43,6 +43,7 @@ __all__ = [
     "fmt_seconds",
     "fmt_value",
     "render_card",
+    "render_card_files",
     "to_html",
     "to_markdown",
     "validate_card",
@@ -756,39 +757,31 @@ def to_html(blocks: Sequence[Any], title: str) -> str:
 # ---------------------------------------------------------------------------------------------- entry
 
 
-def _write_bytes(path: Path, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return path
-
-
-def render_card(
-    card: dict, examples: dict[str, np.ndarray], output_dir: str | os.PathLike
-) -> dict[str, Path]:
-    """Write ``card.md``, ``card.html`` and the three PNGs of FILES into ``output_dir``.
+def render_card_files(card: dict, examples: dict[str, np.ndarray]) -> dict[str, str | bytes]:
+    """``card.md``, ``card.html`` and the three PNGs of FILES, in memory: file name -> content.
 
     Args:
         card: the card dict of SCHEMA.md (schema version 1); validated first, ValueError names the key.
         examples: the (H, W) arrays of SCHEMA.md (``image``, ``adversarial``, ``perturbation``, ``label``,
             ``pred_clean``, ``pred_adversarial``, ``pred_certified`` with -1 = abstain).
-        output_dir: created if missing.
-
-    Returns:
-        {"md", "html", "dice_vs_eps", "certified_dice_vs_sigma", "examples"} → written paths. Everything
-        is rendered in memory before the first file is written, and each file is written atomically.
     """
     validate_card(card)
     arrays = validate_examples(examples)
-    out = Path(output_dir)
     images = {
         "dice_vs_eps": dice_vs_eps_png(card),
         "certified_dice_vs_sigma": certified_dice_vs_sigma_png(card),
         "examples": examples_png(card, arrays),
     }
     blocks = card_blocks(card, images)
-    md, page = to_markdown(blocks), to_html(blocks, card["title"])
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {key: _write_bytes(out / FILES[key], data) for key, data in images.items()}
-    paths["md"] = atomic_write_text(out / FILES["md"], md)
-    paths["html"] = atomic_write_text(out / FILES["html"], page)
-    return {key: paths[key] for key in FILES}
+    files: dict[str, str | bytes] = {FILES[key]: data for key, data in images.items()}
+    files[FILES["md"]], files[FILES["html"]] = to_markdown(blocks), to_html(blocks, card["title"])
+    return files
+
+
+def render_card(
+    card: dict, examples: dict[str, np.ndarray], output_dir: str | os.PathLike
+) -> dict[str, Path]:
+    """Write :func:`render_card_files` into ``output_dir`` as one report set (:func:`common.io.write_report_set`:
+    everything rendered first, staged, moved in, manifest last). Returns {key of FILES: path}."""
+    write_report_set(output_dir, render_card_files(card, examples))
+    return {key: Path(output_dir) / name for key, name in FILES.items()}

@@ -1,9 +1,10 @@
-"""Figures of the robustness card: Dice vs ε, certified Dice vs σ, and the examples panel.
+"""The project's figures, in one plot style: metric vs ε, certified Dice vs σ, examples panels, line plots.
 
-Each function takes the card dict (``/tmp/card/SCHEMA.md``, validated by :mod:`common.card.render`)
-and returns PNG bytes, so the same bytes are written to disk and embedded in the HTML page. Figures
-use matplotlib's object API (``Figure`` + ``FigureCanvasAgg``, as :mod:`common.report` does): no
-``pyplot`` global state, no backend switch.
+Every function returns PNG bytes (written by :mod:`common.io` or embedded in the card's HTML). One
+style: matplotlib's object API (``Figure`` + ``FigureCanvasAgg``: no ``pyplot`` global state, no backend
+switch), :data:`DPI`, a light grid, mean ± sd as a band, the class palette of :func:`label_colours`
+(background black, abstentions magenta). The card's figures take the card dict (validated by
+:mod:`common.reporting.card`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 __all__ = [
+    "DPI",
+    "new_figure",
+    "png_bytes",
+    "render_lines",
+    "render_metric_vs_eps",
+    "render_certified_figure",
     "ABSTAIN",
     "ABSTAIN_COLOUR",
     "certified_dice_vs_sigma_png",
@@ -44,7 +51,7 @@ _CLASS_COLOURS = [
     "#9467bd",
 ]
 _MAX_CLASS_PANELS = 4  # more foreground classes than this: plot the mean over classes instead
-_DPI = 110
+DPI = 110
 
 
 def _num(value: Any) -> float:
@@ -59,10 +66,100 @@ def _text(value: Any) -> str:
     return " " + text if text.startswith("_") else text
 
 
-def _png(fig: Figure) -> bytes:
+def new_figure(width: float, height: float, dpi: int = DPI) -> Figure:
+    """A figure of the project's style, detached from ``pyplot``."""
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as PNG bytes (after ``tight_layout``)."""
+    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def _style(ax: Any, xlabel: str, ylabel: str, title: str = "", legend: bool = True) -> None:
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(_text(title))
+    ax.grid(True, alpha=0.3)
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=7)
+
+
+def _band(ax: Any, xs: Sequence[float], means: Sequence[float], sds: Sequence[float] | None, label: str,
+          **kwargs: Any) -> None:
+    """A line with markers and its ± sd band (undefined sds: no band)."""
+    means = np.asarray(means, dtype=np.float64)
+    (line,) = ax.plot(xs, means, marker=kwargs.pop("marker", "o"), label=_text(label), **kwargs)
+    if sds is not None:
+        sds = np.nan_to_num(np.asarray(sds, dtype=np.float64), nan=0.0)
+        ax.fill_between(xs, means - sds, means + sds, color=line.get_color(), alpha=0.15, linewidth=0)
+
+
+def render_lines(panels: Sequence[Mapping[str, Any]], width: float = 5.0, height: float = 4.0) -> bytes:
+    """One row of panels, each ``{"title", "xlabel", "ylabel", "series": [{"label", "x", "y", "sd"?,
+    "linestyle"?}]}`` (e.g. Dice vs steps, Dice vs ε per model) as PNG bytes."""
+    if not panels:
+        raise ValueError("panels: expected at least one panel")
+    fig = new_figure(width * len(panels), height)
+    for i, panel in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for series in panel["series"]:
+            _band(ax, series["x"], series["y"], series.get("sd"), series["label"],
+                  linestyle=series.get("linestyle", "-"))
+        _style(ax, panel["xlabel"], panel["ylabel"], panel.get("title", ""))
+    return png_bytes(fig)
+
+
+def render_metric_vs_eps(
+    summary: Mapping[str, Any], metric: str, eps_label: str = "ε", title: str = "", ylabel: str | None = None,
+) -> bytes:
+    """``metric`` (mean ± sd band) against ε in display units, one line per attack, from a sweep summary
+    (``{"entries": [{"attack", "eps_display", "mean": {m}, "sd": {m}}]}``); every line starts at the
+    clean entry (ε = 0): an attack of strength 0 is the clean input."""
+    entries = list(summary.get("entries", []))
+    if not any(metric in e.get("mean", {}) for e in entries):
+        raise ValueError(f"metric: {metric!r} not in the summary")
+    clean = next((e for e in entries if e["attack"] == "clean"), None)
+    attacks = list(dict.fromkeys(e["attack"] for e in entries if e["attack"] != "clean"))
+    fig = new_figure(5.5, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    for name in attacks:
+        points = sorted((e for e in entries if e["attack"] == name), key=lambda e: e["eps_display"])
+        points = [clean, *points] if clean is not None else points
+        xs = [0.0 if e is clean else float(e["eps_display"]) for e in points]
+        _band(ax, xs, [_num(e["mean"].get(metric)) for e in points], [_num(e["sd"].get(metric)) for e in points], name)
+    if not attacks and clean is not None:
+        ax.plot([0.0], [_num(clean["mean"].get(metric))], marker="o", label="clean")
+    _style(ax, eps_label, ylabel or metric, title)
+    return png_bytes(fig)
+
+
+def render_certified_figure(panel: Mapping[str, Any], num_classes: int) -> bytes:
+    """A grid like Fig. 1 of Laousy et al. (MICCAI 2023): one row per σ; columns: image + N(0, σ²), ground
+    truth, the certified segmentation of each method (abstentions magenta). ``panel``: ``{"noisy": {σ:
+    (C, H, W)}, "truth": (H, W), "certified": {(method, σ): (H, W)}}``."""
+    sigmas = list(panel["noisy"])
+    methods = list(dict.fromkeys(m for m, _ in panel["certified"]))
+    cols = 2 + len(methods)
+    fig = new_figure(2.2 * cols, 2.2 * len(sigmas))
+    for r, sigma in enumerate(sigmas):
+        arr = np.clip(np.asarray(panel["noisy"][sigma], dtype=np.float64), 0.0, 1.0)
+        image, cmap = (arr[0], "gray") if arr.shape[0] != 3 else (arr.transpose(1, 2, 0), None)
+        cells = [(image, cmap, f"noisy, σ={sigma:g}"),
+                 (label_colours(np.asarray(panel["truth"]), num_classes), None, "ground truth")]
+        cells += [(label_colours(np.asarray(panel["certified"][(m, sigma)]), num_classes), None, m) for m in methods]
+        for c, (data, cm, title) in enumerate(cells):
+            ax = fig.add_subplot(len(sigmas), cols, r * cols + c + 1)
+            ax.imshow(data, cmap=cm, vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_title(_text(title), fontsize=8)
+            ax.axis("off")
+    return png_bytes(fig)
 
 
 def _class_series(values: Sequence[Mapping[str, Any]], classes: Sequence[str]) -> dict[str, np.ndarray]:
@@ -88,8 +185,7 @@ def dice_vs_eps_png(card: Mapping[str, Any]) -> bytes:
     attacks = list(dict.fromkeys(a["name"] for a in card["attacks"]))
     clean = _class_series([card["clean"]["mean"]], classes)
     panels = list(clean)
-    fig = Figure(figsize=(4.2 * len(panels), 3.6), dpi=_DPI)
-    FigureCanvasAgg(fig)
+    fig = new_figure(4.2 * len(panels), 3.6)
     for p, panel in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), p + 1)
         for name in attacks:
@@ -107,8 +203,7 @@ def dice_vs_eps_png(card: Mapping[str, Any]) -> bytes:
         ax.set_title(_text(panel))
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best", fontsize=7)
-    fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def certified_dice_vs_sigma_png(card: Mapping[str, Any]) -> bytes:
@@ -119,8 +214,7 @@ def certified_dice_vs_sigma_png(card: Mapping[str, Any]) -> bytes:
     sigmas = np.array([float(r["sigma"]) for r in rows])
     cert = _class_series([r["certified_dice"] for r in rows], classes)
     clean = _class_series([card["clean"]["mean"]], classes)
-    fig = Figure(figsize=(5.6, 3.8), dpi=_DPI)
-    FigureCanvasAgg(fig)
+    fig = new_figure(5.6, 3.8)
     ax = fig.add_subplot(1, 1, 1)
     for name, values in cert.items():
         (line,) = ax.plot(sigmas, values, marker="o", label=_text(f"certified Dice: {name}"))
@@ -151,8 +245,7 @@ def certified_dice_vs_sigma_png(card: Mapping[str, Any]) -> bytes:
     handles2 = ax2.get_legend_handles_labels()
     ax.legend(handles[0] + handles2[0], handles[1] + handles2[1], loc="best", fontsize=7)
     ax.set_title("Randomized-smoothing certification")
-    fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def label_names(num_labels: int, class_names: Sequence[str], num_classes: int) -> list[str]:
@@ -208,8 +301,7 @@ def examples_png(card: Mapping[str, Any], examples: Mapping[str, np.ndarray]) ->
     abstain = float(np.mean(np.asarray(examples["pred_certified"]) == ABSTAIN))
     attack = _text(f"{meta['attack']}, ε={float(meta['eps']):.4g}")
 
-    fig = Figure(figsize=(11.0, 5.8), dpi=_DPI)
-    FigureCanvasAgg(fig)
+    fig = new_figure(11.0, 5.8)
     panels = [
         ("clean image", image, "gray", (lo, hi)),
         (f"adversarial ({attack})", examples["adversarial"], "gray", (lo, hi)),
@@ -254,5 +346,4 @@ def examples_png(card: Mapping[str, Any], examples: Mapping[str, np.ndarray]) ->
     if meta.get("slice_axis") is not None:
         where += f", slice {meta.get('slice_index')} along axis {meta['slice_axis']}"
     fig.suptitle(_text(where), fontsize=9)
-    fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
