@@ -647,3 +647,36 @@ def test_unreadable_bundles_fail_in_one_line_naming_file_and_key(tmp_path):
         read_bundle(root)
     with pytest.raises(ValueError, match=r"inference\.json: no key 'sw_inferer'"):
         read_bundle(root, inferer_key="sw_inferer")
+
+
+def test_label_gets_nearest_resizing_without_anti_aliasing(tmp_path):
+    """Per-key settings of the image's resizes (bilinear / bicubic, align_corners, anti-aliasing) give the
+    label nearest-neighbour resizing: oracle ``torch.nn.functional.interpolate(mode="nearest")``."""
+    from common.card.bundle_reader import _parsed
+    from common.card.label_transforms import extend_to_label
+
+    label = np.zeros((23, 17), np.uint8)
+    label[4:15, 3:9], label[9:20, 10:15] = 3, 7
+    Image.fromarray(label, "L").save(tmp_path / "label.png")
+    Image.fromarray((label * 20 + 5).astype(np.uint8), "L").save(tmp_path / "image.png")
+    parser = ConfigParser({"preprocessing": {"_target_": "Compose", "transforms": [
+        {"_target_": "LoadImaged", "keys": "image"},
+        {"_target_": "EnsureChannelFirstd", "keys": "image"},
+        {"_target_": "Resized", "keys": ["image"], "spatial_size": [13, 11], "mode": ["bilinear"],
+         "align_corners": [True], "anti_aliasing": True},
+        {"_target_": "Zoomd", "keys": "image", "zoom": 1.5, "mode": "bicubic", "align_corners": True,
+         "keep_size": False},
+        {"_target_": "ScaleIntensityd", "keys": "image"},
+    ]}})
+    steps = extend_to_label(parser, tmp_path / "inference.json", _parsed)
+    assert steps[2:] == ["Resized: label too (mode nearest)", "Zoomd: label too (mode nearest)",
+                         "ScaleIntensityd: image only"]
+    out = parser.get_parsed_content("preprocessing")({"image": str(tmp_path / "image.png"),
+                                                      "label": str(tmp_path / "label.png")})
+    raw = torch.as_tensor(np.asarray(Image.open(tmp_path / "label.png")).T.astype(np.float32))[None, None]
+    expected = torch.nn.functional.interpolate(raw, size=(13, 11), mode="nearest")
+    expected = torch.nn.functional.interpolate(expected, scale_factor=1.5, mode="nearest",
+                                               recompute_scale_factor=True)
+    assert out["image"].shape == out["label"].shape == (1, 19, 16)
+    torch.testing.assert_close(out["label"].as_tensor(), expected[0])
+    assert set(torch.unique(out["label"]).tolist()) == {0.0, 3.0, 7.0}
