@@ -65,7 +65,8 @@ def test_fgsm_equals_closed_form_on_linear_model(spatial_dims):
 
 @pytest.mark.parametrize("targeted", [False, True])
 def test_ifgsm_follows_update_equation_step_by_step(targeted):
-    """Seed 001 Eq. 2 (untargeted, +) and Eq. 3 (targeted, −), projected onto the ε-ball and the clip range."""
+    """Liu et al., J. Digit. Imaging 2021, Eq. 2 (untargeted, +) and Eq. 3 (targeted, −), projected onto the
+    ε-ball and the clip range."""
     model = linear_model(2)
     x, y = make_batch(2)
     eps, alpha, steps, clip = 0.05, 0.02, 4, (0.0, 1.0)

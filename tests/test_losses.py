@@ -19,7 +19,7 @@ from common.losses import (
 
 
 def eq5_soft_dice_loss(probs: np.ndarray, onehot: np.ndarray, gamma: float) -> float:
-    """Seed 001 Eq. 5–6 literally, per image (float64), averaged over the batch."""
+    """Liu et al., J. Digit. Imaging 2021, Eq. 5–6 literally, per image (float64), averaged over the batch."""
     losses = []
     for p, y in zip(probs, onehot):
         n = p.shape[0]
