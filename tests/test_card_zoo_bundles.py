@@ -680,3 +680,27 @@ def test_label_gets_nearest_resizing_without_anti_aliasing(tmp_path):
     assert out["image"].shape == out["label"].shape == (1, 19, 16)
     torch.testing.assert_close(out["label"].as_tensor(), expected[0])
     assert set(torch.unique(out["label"]).tolist()) == {0.0, 3.0, 7.0}
+
+
+def test_card_on_the_slice_inferer_bundle_matches_direct_calls(tmp_path):
+    """The whole card (``run_card``) on the SliceInferer bundle: its clean Dice per case and class equals
+    MONAI's ``SliceInferer`` + the network, argmax, and Dice by its formula on the raw label files."""
+    from common.card.runner import run_card
+
+    root, datalist, state = _slice_bundle(tmp_path)
+    run_card(root, datalist, output_dir=tmp_path / "card", eps=[0.02], sigmas=[0.25], n0=2, n=8, steps=1, seed=0,
+             progress=False)
+    card = json.loads((tmp_path / "card" / "card.json").read_text())
+    assert card["bundle"]["inferer"]["type"] == "SliceInferer"
+    net, inferer = _oracle(root, "inference.json", state)
+    names = ["left ventricle", "myocardium", "right ventricle"]
+    for case in read_datalist(datalist)[0]:
+        image = nib.load(str(case.image)).get_fdata().astype(np.float32)
+        x = torch.as_tensor((image - image.min()) / (image.max() - image.min()))[None, None]  # ScaleIntensityd
+        with torch.no_grad():
+            pred = inferer(x, net).argmax(1)[0].numpy()
+        truth = np.asarray(nib.load(str(case.label)).dataobj)
+        for c, name in enumerate(names, start=1):
+            p, g = pred == c, truth == c
+            dice = 1.0 if not (p.any() or g.any()) else 2.0 * (p & g).sum() / (p.sum() + g.sum())
+            assert card["clean"]["per_case"][case.case_id][name] == pytest.approx(dice, abs=1e-6)
