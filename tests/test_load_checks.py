@@ -213,3 +213,23 @@ def test_truncated_image_reported_in_one_line_by_the_bundle_hook(tmp_path, capsy
     monkeypatch.delenv(common.errors.DEBUG_ENV)
     common.errors._hook(KeyError, KeyError("x"), None, previous=lambda *a: seen.append(a))
     assert len(seen) == 2  # errors that are not bad input keep their traceback
+
+
+def test_card_checks_any_bundles_label_grid(tmp_path):
+    """The robustness card extends a zoo bundle's image preprocessing to the label; the check runs right
+    after loading (before Spacingd could resample a mismatched label onto the image's grid)."""
+    from common.card.label_transforms import extend_to_label
+    from test_robustness_card import _zoo_config
+
+    parser = ConfigParser(_zoo_config())
+    config_path = tmp_path / "inference.json"
+    extend_to_label(parser, config_path, lambda p, key, _path: p.get_parsed_content(key))
+    preprocessing = parser.get_parsed_content("preprocessing")
+    image, label = tmp_path / "image.nii.gz", tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((12, 12, 12), np.float32), np.eye(4)), image)
+    nib.save(nib.Nifti1Image(np.zeros((10, 12, 12), np.uint8), np.eye(4)), label)
+    err = str(_input_error(lambda: preprocessing({"image": str(image), "label": str(label)})))
+    assert str(label) in err and str(image) in err and "(10, 12, 12)" in err and "(12, 12, 12)" in err
+    nib.save(nib.Nifti1Image(np.zeros((12, 12, 12), np.uint8), np.eye(4)), label)
+    out = preprocessing({"image": str(image), "label": str(label)})
+    assert tuple(out["label"].shape) == (1, 12, 12, 12)

@@ -175,11 +175,15 @@ def extend_to_label(parser, config_path: Path, parsed: Callable[[Any, str, Path]
         if kind == "load":
             if "meta_keys" in raw and isinstance(raw["meta_keys"], (list, tuple)):
                 raw["meta_keys"] = [*raw["meta_keys"], None]
+            # the label's grid (shape, affine) must be the image's and the image finite, checked on the
+            # files as read, before any resampling could hide a mismatch (common.transforms.CheckImageLabeld)
+            check = {"_target_": "common.transforms.CheckImageLabeld", "keys": [IMAGE, LABEL]}
             if getattr(getattr(item, "_loader", None), "ensure_channel_first", False):
+                raw = {"_target_": "Compose", "transforms": [raw, check]}
                 steps.append(f"{name}: label loaded, channel first from its own file's metadata")
             else:
                 raw = {"_target_": "Compose", "transforms": [
-                    raw, {"_target_": "EnsureChannelFirstd", "keys": LABEL, "strict_check": False}]}
+                    raw, {"_target_": "EnsureChannelFirstd", "keys": LABEL, "strict_check": False}, check]}
                 steps.append(f"{name}: label loaded, then EnsureChannelFirstd on its own file's layout")
         else:
             mode = settings.get("mode", [None])[-1]
