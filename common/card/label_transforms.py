@@ -14,7 +14,9 @@ transforms are sorted into three kinds before the list is instantiated:
 - **channel layout** — the image's ``EnsureChannelFirstd`` (e.g. ``channel_dim=-1`` for an RGB file) is
   not applied to the label. Instead the label gets its own ``EnsureChannelFirstd`` right after it is
   loaded, with the channel axis read from the label file's metadata (``"no_channel"`` for a grey-level
-  PNG or a 3D NIfTI), unless its ``LoadImaged`` already sets ``ensure_channel_first``.
+  PNG or a 3D NIfTI), unless its ``LoadImaged`` already sets ``ensure_channel_first``; then
+  ``common.transforms.CheckImageLabeld`` checks the two grids (shape, affine) and the image's values on the
+  files as read, before any resampling could hide a mismatch.
 - **everything else** (intensity transforms, ``Lambdad``, channel repeats and concatenations, custom
   transforms): image only.
 
