@@ -328,6 +328,8 @@ def test_brats_like_sigmoid_bundle_with_overlapping_regions(tmp_path):
     # the same label values are refused for a softmax reading, which needs disjoint values
     with pytest.raises(ValueError, match="label_values: expected disjoint values with softmax"):
         read_bundle(root, label_values=[[1, 4], [1, 2, 4], [4]], output="softmax")
+    forced = read_bundle(root, label_values=[1, 2, 4], output="softmax")
+    assert forced.output_source.startswith("option (the config says sigmoid: postprocessing Activationsd")
 
 
 def _slice_config() -> dict:

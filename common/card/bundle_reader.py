@@ -265,13 +265,17 @@ def _output_kind(parser, config_path: Path, option: str | None, num: int) -> tup
     if option is not None:
         if option not in OUTPUTS:
             raise ValueError(f"output: expected one of {OUTPUTS}, got {option!r}")
-        return option, "option"
+        told, where = _output_kind(parser, config_path, None, num)
+        return option, "option" + (f" (the config says {told}: {where})" if told != option else "")
     post_id = follow_reference(parser, "postprocessing") if "postprocessing" in parser else None
     post = parser.get(post_id) if post_id else None
     for target in ("Activationsd", "Activations", "AsDiscreted", "AsDiscrete"):
         for key in _find_targets(post, target, post_id or ""):
             def setting(name: str) -> Any:
-                return _parsed(parser, f"{key}#{name}", config_path) if name in parser.get(key) else None
+                value = _parsed(parser, f"{key}#{name}", config_path) if name in parser.get(key) else None
+                if isinstance(value, (list, tuple)):  # one value per key
+                    return True if True in value else next((v for v in value if v is not None), None)
+                return value
 
             where = f"postprocessing {target} of {config_path.name}"
             if target.startswith("Activations"):
