@@ -80,18 +80,47 @@ class AdversarialTrainingIteration(_ObjectiveIteration):
         attack: an attack built on the trainer's network, e.g. ``FGSM(@network, eps=0.05, loss="dice")``
             (Liu et al., J. Digit. Imaging 2021, β = 0.5) or ``PGD(@network, eps, alpha, steps)`` (Li et al., 2019 (ResDSN C2F), β = 0).
         beta: weight β of the clean loss in [0, 1].
+        sequential: False (default): one optimizer step on the weighted sum. True: the paper's
+            procedure ("for each batch of input data, we first trained the model with the perturbed
+            images and then trained the model with the clean images", Liu et al. 2021): one step on
+            (1 − β)·L(x_adv, y), then a second step on β·L(x, y) with the updated weights (two forward
+            and backward passes per batch, as the paper counts). The reported loss is the sum of both.
+
+    An ``attack`` with a ``for_batch(batchdata, device)`` method is asked for the batch's own attack at
+    every iteration (e.g. :class:`common.ct_window.WindowPGD`: ε per case from statistics the batch carries).
     """
 
-    def __init__(self, attack: Callable, beta: float = 0.5) -> None:
+    def __init__(self, attack: Callable, beta: float = 0.5, sequential: bool = False) -> None:
         if not callable(attack):
             raise ValueError("attack: expected an attack object built on the network")
+        if not isinstance(sequential, bool):
+            raise ValueError(f"sequential: expected True or False, got {sequential!r}")
         self.attack = attack
         self.beta = float(beta)
+        self.sequential = sequential
+        self._batch_attack = attack
+
+    def __call__(self, engine, batchdata: dict) -> dict:
+        for_batch = getattr(self.attack, "for_batch", None)
+        if for_batch is not None and batchdata is not None:
+            self._batch_attack = for_batch(batchdata, engine.state.device)
+        return super().__call__(engine, batchdata)
 
     def objective(self, engine, x, y):
         loss_fn = lambda pred, target: engine.loss_function(pred, target).mean()  # noqa: E731
-        loss, pred, _ = adversarial_objective(engine.network, loss_fn, x, y, self.attack, self.beta)
-        return loss, None if pred is None else main_output(pred)
+        attack = self._batch_attack
+        if not self.sequential:
+            loss, pred, _ = adversarial_objective(engine.network, loss_fn, x, y, attack, self.beta)
+            return loss, None if pred is None else main_output(pred)
+        # first update: the adversarial batch from the current weights (β = 0 gives L(x_adv, y) alone)
+        loss_adv, _, _ = adversarial_objective(engine.network, loss_fn, x, y, attack, 0.0)
+        loss_adv = (1.0 - self.beta) * loss_adv
+        loss_adv.backward()
+        engine.optimizer.step()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        pred = engine.network(x)  # second update (by the caller): the clean batch, updated weights
+        loss_clean = self.beta * loss_fn(pred, y)
+        return loss_clean + loss_adv.detach(), main_output(pred)
 
 
 class NoiseAugmentationIteration(_ObjectiveIteration):
