@@ -121,3 +121,41 @@ def test_every_bundle_saves_and_restores_the_best_metric(bundle):
     assert config["train"]["resume_dict"]["validator"] == expected
     resume = [r for r in config["run"] if "resume_from_latest" in r]
     assert len(resume) == 1 and "keep=@train#checkpoint_saver#n_saved" in resume[0]
+
+
+def test_bundle_run_resume_keeps_the_better_model(tmp_path):
+    """Through ``monai.bundle.run`` (what ``python -m monai.bundle run`` calls) on unet_advaug's train.json:
+    2 epochs learn a square (validation IoU 1.0); the resumed epoch 3 trains on inverted labels (IoU 0),
+    so models/model.pt must keep epoch 2's weights and only epoch 3's resumable checkpoint remain."""
+    import hashlib
+
+    import nibabel as nib
+    import numpy as np
+    from monai.bundle import run
+
+    from common.data.datalist import write_datalist
+
+    label = np.zeros((32, 32), np.uint8)
+    label[8:24, 8:24] = 1
+    for sub, data in (("imagesTr", (label * 300.0 - 80.0).astype(np.float32)), ("labelsTr", label)):
+        (tmp_path / sub).mkdir()
+        nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / sub / "c.nii.gz")
+    entry = {"image": "imagesTr/c.nii.gz", "label": "labelsTr/c.nii.gz"}
+    datalist = write_datalist(tmp_path / "datalist.json", {"training": [entry] * 8, "validation": [entry]})
+    bundle = BUNDLES / "unet_advaug"
+    models = tmp_path / "models"
+    common = dict(config_file=str(bundle / "configs" / "train.json"), meta_file=str(bundle / "configs" / "metadata.json"),
+                  bundle_root=str(bundle), datalist=str(datalist), ckpt_dir=str(models), output_dir=str(tmp_path / "eval"),
+                  progress_bar=False, batch_size=1, learning_rate=0.01, **{"network_def#features": [8, 8, 16, 32, 64, 8]})
+    run(max_epochs=2, **common)
+    first = torch.load(models / "checkpoint_checkpoint_epoch=2.pt", weights_only=True)["validator"]
+    assert first["best_metric"] > 0.9  # the square was learnt
+    digest = hashlib.sha256((models / "model.pt").read_bytes()).hexdigest()
+
+    invert = [{"_target_": "Lambdad", "keys": "label", "func": "$lambda y: 1 - y"}]
+    run(max_epochs=3, resume=True, **{**common, "learning_rate": 0.05, "train#random_transforms": invert})
+    history = (tmp_path / "eval" / "iou_history.csv").read_text().splitlines()
+    assert history[-1].startswith("3,") and float(history[-1].split(",")[1]) < first["best_metric"]
+    assert sorted(p.name for p in models.glob("checkpoint_*")) == ["checkpoint_checkpoint_epoch=3.pt"]
+    assert torch.load(models / "checkpoint_checkpoint_epoch=3.pt", weights_only=True)["validator"] == first
+    assert hashlib.sha256((models / "model.pt").read_bytes()).hexdigest() == digest
