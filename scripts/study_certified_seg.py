@@ -111,4 +111,4 @@ def main(
 if __name__ == "__main__":
     from scripts.cli import run
 
-    run(main)
+    run(main, ranges={"sigmas": (0.0, 1.0)})  # inputs scaled to [0, 1]

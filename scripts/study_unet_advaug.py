@@ -113,4 +113,4 @@ def main(
 if __name__ == "__main__":
     from scripts.cli import run
 
-    run(main)
+    run(main, ranges={"eps": (0.0, 1.0)})  # inputs scaled to [0, 1]
