@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from common.card.runner import run_card
 from common.io import atomic_write_bytes, atomic_write_text
 from common.report import format_mean_sd, markdown_table
 from common.reporting.plots import render_metric_vs_eps
+from scripts.bundle_run import run_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "nlcen_lung"
@@ -43,16 +42,10 @@ CARD_LABEL_VALUES = [[0, 3, 4], [1, 2]]
 
 
 def _bundle_run(configs: list[str], overrides: dict) -> float:
-    """One ``python -m monai.bundle run`` of the nlcen_lung bundle; returns its wall time in seconds."""
-    files = [str(BUNDLE / "configs" / c) for c in configs]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(files),
-           "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
-           "--logging_file", str(BUNDLE / "configs" / "logging.conf"), "--bundle_root", str(BUNDLE)]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
-    print("$", " ".join(cmd[2:4]), "...", " ".join(c for c in configs), flush=True)
+    """One ``python -m monai.bundle run`` of the nlcen_lung bundle (output shown); returns its wall time in seconds."""
+    print("$ python -m monai.bundle run ...", " ".join(configs), flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=REPO)
+    run_bundle(BUNDLE, configs, overrides, cwd=REPO, timeout=None, capture=False)
     return time.perf_counter() - start
 
 

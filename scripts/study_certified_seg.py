@@ -22,27 +22,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import fire
-from monai.bundle import run as bundle_run
 
-from common.certification_report import certification_tables
+from common.reporting.paper_tables import certification_tables
 from common.data.synthetic import write_phantom_dataset
 from common.io import atomic_write_json, atomic_write_text
 from common.report import write_csv
+from scripts.bundle_run import run_bundle
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "certified_seg"
 
 
 def _run(configs: list[str], **overrides) -> None:
     """``python -m monai.bundle run`` in-process on the bundle's configs."""
-    files = [str(BUNDLE / "configs" / c) for c in configs]
-    bundle_run(
-        config_file=files,
-        meta_file=str(BUNDLE / "configs" / "metadata.json"),
-        logging_file=str(BUNDLE / "configs" / "logging.conf"),
-        bundle_root=str(BUNDLE),
-        **overrides,
-    )
+    run_bundle(BUNDLE, configs, overrides, in_process=True)
 
 
 def main(

@@ -9,7 +9,6 @@ Writes ``<output_dir>/REPORT.md`` (DIC / JSC for every model and ε, Wilcoxon p 
 
 from __future__ import annotations
 
-import fire
 
 from scripts.demo import VARIANT_CONFIGS
 from scripts.demo import main as run_variants

@@ -21,18 +21,15 @@ Trained models are reused on a rerun. Writes ``<out_dir>/study.md`` (the tables)
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import fire
 
 from common.c2f_eval import drop_table
 from common.data.synthetic import write_phantom_dataset
 from common.io import atomic_write_json, atomic_write_text
 from common.report import markdown_table
+from scripts.bundle_run import run_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "resdsn_c2f_pancreas"
@@ -40,17 +37,8 @@ BUNDLE = REPO / "bundles" / "resdsn_c2f_pancreas"
 
 def run_config(configs: list[str], overrides: dict) -> float:
     """``python -m monai.bundle run`` of the bundle's ``configs`` with ``overrides``; returns seconds."""
-    cmd = [sys.executable, "-m", "monai.bundle", "run",
-           "--config_file", json.dumps([str(BUNDLE / "configs" / c) for c in configs]),
-           "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
-           "--logging_file", str(BUNDLE / "configs" / "logging.conf"), "--bundle_root", str(BUNDLE)]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=BUNDLE, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(configs)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    run_bundle(BUNDLE, configs, overrides, timeout=None)
     print(f"{' + '.join(configs)}: {time.perf_counter() - start:.0f} s", flush=True)
     return time.perf_counter() - start
 

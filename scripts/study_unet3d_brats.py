@@ -26,7 +26,6 @@ The study deviates from the paper in size only
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import time
@@ -34,14 +33,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import fire
-import numpy as np
 
-from common.evaluation import paired_wilcoxon
-from common.io import atomic_path, atomic_write_json, atomic_write_text
-from common.report import format_mean_sd, markdown_table
-from common.stats import bonferroni_adjust
+from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from common.report import markdown_table
+from common.reporting.paper_tables import at_eps, defence_table, read_per_case, steps_table
+from common.reporting.plots import render_lines
 from common.validation import check_positive_int
+from scripts.bundle_run import run_bundle
 
 __all__ = ["REGIONS", "TABLE_EPS", "run_config", "read_per_case", "defence_table", "steps_table", "main"]
 
@@ -53,179 +51,37 @@ logger = logging.getLogger(__name__)
 
 
 def run_config(configs: Sequence[str], **overrides: Any) -> None:
-    """``python -m monai.bundle run`` of the bundle's ``configs`` (file names in ``configs/``), in-process."""
-    from monai.bundle import run
-
-    cfg = BUNDLE / "configs"
-    run(
-        run_id="run",
-        config_file=[str(cfg / c) for c in configs],
-        meta_file=str(cfg / "metadata.json"),
-        logging_file=str(cfg / "logging.conf"),
-        bundle_root=str(BUNDLE),
-        **overrides,
-    )
-
-
-def read_per_case(path: str | Path) -> dict[tuple[str, float], dict[str, np.ndarray]]:
-    """``per_case.csv`` of a sweep → {(attack, eps): {metric: values in case order}} (float64)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"per_case: no such file {path}")
-    groups: dict[tuple[str, float], dict[str, list[float]]] = {}
-    with path.open(newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            key = (row["attack"], round(float(row["eps"]), 6))
-            group = groups.setdefault(key, {"case_id": []})
-            group["case_id"].append(row["case_id"])
-            for k, v in row.items():
-                if k.startswith(("dice_", "psnr", "ssim", "rmse")):
-                    group.setdefault(k, []).append(float(v))
-    return {k: {m: np.asarray(v) if m != "case_id" else v for m, v in g.items()} for k, g in groups.items()}
-
-
-def _at_eps(per_case: Mapping[tuple[str, float], Mapping[str, Any]], eps: float, attack: str = "fgsm"):
-    """The group of the clean row (ε = 0) or of ``attack`` at ``eps``."""
-    key = ("clean", 0.0) if eps == 0 else (attack, round(float(eps), 6))
-    if key not in per_case:
-        raise ValueError(f"per_case: no rows for {key}; found {sorted(per_case)}")
-    return per_case[key]
-
-
-def defence_table(
-    models: Mapping[str, Mapping[tuple[str, float], Mapping[str, Any]]],
-    reference: str = UNDEFENDED,
-    eps_values: Sequence[float] = TABLE_EPS,
-    regions: Sequence[str] = REGIONS,
-    alpha: float = 0.05,
-) -> tuple[list[dict[str, Any]], str]:
-    """Tables 2–3 of the paper: Dice per region and model at each ε, and p-values against ``reference``.
-
-    Args:
-        models: model name → :func:`read_per_case` of its defence sweep; the same test cases in the
-            same order for every model. ``reference`` is the undefended model.
-
-    Returns:
-        (rows, markdown). Each row: region, defence, ``dice_<eps>`` mean / sd, and for defences
-        ``p_<eps>``: two-sided Wilcoxon signed-rank p-value of the defence's Dice against the
-        reference's at the same ε, paired by case (:func:`common.evaluation.paired_wilcoxon`), and
-        ``p_bonferroni_<eps>``: Bonferroni-adjusted over the defences of that region and ε.
-    """
-    if reference not in models:
-        raise ValueError(f"models: the reference model {reference!r} is missing")
-    names = [reference] + [m for m in models if m != reference]
-    cases = _at_eps(models[reference], 0.0)["case_id"]
-    for m in names:
-        if _at_eps(models[m], 0.0)["case_id"] != cases:
-            raise ValueError(f"models: {m!r} was evaluated on other cases than {reference!r}")
-    rows: list[dict[str, Any]] = []
-    for region in regions:
-        metric = f"dice_{region}"
-        values = {m: {e: _at_eps(models[m], e)[metric] for e in eps_values} for m in names}
-        defended = names[1:]
-        p = {
-            e: np.array([paired_wilcoxon(values[reference][e], values[m][e]) for m in defended]).reshape(-1)
-            for e in eps_values
-        }
-        p_adj = {e: bonferroni_adjust(p[e]) if len(defended) else p[e] for e in eps_values}
-        for i, m in enumerate(names):
-            row: dict[str, Any] = {"region": region, "defence": m}
-            for e in eps_values:
-                v = values[m][e]
-                row[f"dice_{e:g}"] = float(v.mean())
-                row[f"sd_{e:g}"] = float(v.std(ddof=1)) if v.size > 1 else float("nan")
-                if i:
-                    row[f"p_{e:g}"] = float(p[e][i - 1])
-                    row[f"p_bonferroni_{e:g}"] = float(p_adj[e][i - 1])
-            rows.append(row)
-    cells = []
-    for row in rows:
-        cell = {"region": row["region"], "defence": row["defence"]}
-        for e in eps_values:
-            text = format_mean_sd(row[f"dice_{e:g}"], row[f"sd_{e:g}"])
-            if row["defence"] != reference and row[f"p_bonferroni_{e:g}"] <= alpha:
-                text += "*"
-            cell[f"d{e:g}"] = text
-            cell[f"p{e:g}"] = "-" if row["defence"] == reference else f"{row[f'p_{e:g}']:.4g}"
-        cells.append(cell)
-    columns = ["region", "defence", *(f"d{e:g}" for e in eps_values), *(f"p{e:g}" for e in eps_values)]
-    headers = [
-        "Segmentation type", "Defense type", *(f"Dice ε = {e:g}" for e in eps_values),
-        *(f"p (vs no defense) ε = {e:g}" for e in eps_values),
-    ]
-    note = (
-        f"\n{len(cases)} test cases; mean ± sd (ddof 1) of the Dice under FGSM (loss: soft Dice) at each ε. "
-        f"p: two-sided Wilcoxon signed-rank test of the defence's Dice against the undefended model's at "
-        f"the same ε, paired by case. * Bonferroni-adjusted p ≤ {alpha:g} over the defences.\n"
-    )
-    return rows, markdown_table(cells, columns, headers=headers) + note
-
-
-def steps_table(summary: Mapping[str, Any], regions: Sequence[str] = REGIONS) -> list[dict[str, Any]]:
-    """Fig. 3 / 4 data from an ``ifgsm_steps`` sweep summary: one row per (attack kind, steps) with
-    the mean Dice of each region and the mean PSNR; the clean row is steps = 0 of both kinds."""
-    entries = summary["entries"]
-    clean = next(e for e in entries if e["attack"] == "clean")
-    rows = []
-    for kind in ("ifgsm", "ti_fgsm"):
-        rows.append({"attack": kind, "steps": 0, **{r: clean["mean"][f"dice_{r}"] for r in regions}, "psnr": None})
-        for e in entries:
-            head, _, steps = e["attack"].rpartition("_")
-            if head == kind and steps.isdigit():
-                rows.append({
-                    "attack": kind, "steps": int(steps), **{r: e["mean"][f"dice_{r}"] for r in regions},
-                    "psnr": e["mean"]["psnr"],
-                })
-    return rows
+    """The bundle's ``configs`` (file names in ``configs/``) through ``monai.bundle.run``, in-process."""
+    run_bundle(BUNDLE, configs, overrides, in_process=True)
 
 
 def _plot_steps(path: Path, rows: Sequence[Mapping[str, Any]], regions: Sequence[str] = REGIONS) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for kind, style in (("ifgsm", "-"), ("ti_fgsm", "--")):
-        sel = [r for r in rows if r["attack"] == kind]
-        steps = [r["steps"] for r in sel]
-        for region in regions:
-            axes[0].plot(steps, [r[region] for r in sel], style, marker="o", label=f"{kind} {region}")
-        with_psnr = [r for r in sel if r["psnr"] is not None]
-        axes[1].plot([r["steps"] for r in with_psnr], [r["psnr"] for r in with_psnr], style, marker="o", label=kind)
-    axes[0].set(xlabel="steps N (α N = ε = 0.05)", ylabel="Dice", title="Fig. 3: Dice vs steps")
-    axes[1].set(xlabel="steps N", ylabel="PSNR (dB)", title="Fig. 4: PSNR vs steps")
-    for ax in axes:
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    kinds = (("ifgsm", "-"), ("ti_fgsm", "--"))
+    dice = [{"label": f"{k} {r}", "x": [row["steps"] for row in rows if row["attack"] == k],
+             "y": [row[r] for row in rows if row["attack"] == k], "linestyle": style} for k, style in kinds for r in regions]
+    psnr = [{"label": k, "x": [row["steps"] for row in rows if row["attack"] == k and row["psnr"] is not None],
+             "y": [row["psnr"] for row in rows if row["attack"] == k and row["psnr"] is not None], "linestyle": style}
+            for k, style in kinds]
+    atomic_write_bytes(path, render_lines([
+        {"title": "Fig. 3: Dice vs steps", "xlabel": "steps N (α N = ε = 0.05)", "ylabel": "Dice", "series": dice},
+        {"title": "Fig. 4: PSNR vs steps", "xlabel": "steps N", "ylabel": "PSNR (dB)", "series": psnr},
+    ]))
 
 
 def _plot_defences(
     path: Path, models: Mapping[str, Mapping[tuple[str, float], Mapping[str, Any]]], max_eps: float = 0.01,
     regions: Sequence[str] = REGIONS,
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(regions), figsize=(5 * len(regions), 4), sharey=True)
-    for name, per_case in models.items():
-        eps = sorted({e for (_, e) in per_case if e <= max_eps + 1e-12})
-        for ax, region in zip(axes, regions):
-            ax.plot(eps, [_at_eps(per_case, e)[f"dice_{region}"].mean() for e in eps], marker=".", label=name)
-    for ax, region in zip(axes, regions):
-        ax.set(xlabel="FGSM ε", ylabel="Dice", title=f"{region}: Dice vs ε (Fig. 5–8)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    panels = []
+    for region in regions:
+        series = []
+        for name, per_case in models.items():
+            eps = sorted({e for (_, e) in per_case if e <= max_eps + 1e-12})
+            series.append({"label": name, "x": eps,
+                           "y": [at_eps(per_case, e)[f"dice_{region}"].mean() for e in eps]})
+        panels.append({"title": f"{region}: Dice vs ε (Fig. 5–8)", "xlabel": "FGSM ε", "ylabel": "Dice",
+                       "series": series})
+    atomic_write_bytes(path, render_lines(panels))
 
 
 def main(
@@ -355,4 +211,4 @@ def main(
 if __name__ == "__main__":
     from scripts.cli import run
 
-    run(main)
+    run(main, ranges={"adv_eps": (0.0, 1.0), "sweep_eps": (0.0, 1.0)})  # inputs scaled to [0, 1]

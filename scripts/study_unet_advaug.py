@@ -17,23 +17,19 @@ import json
 import time
 from pathlib import Path
 
-import fire
 import torch
 
 from common.defenses.advaug import augmented_name
 from common.reporting.advaug_tables import iou_over_epochs_table, robustness_table
 from common.io import atomic_write_json, atomic_write_text
+from scripts.bundle_run import run_bundle
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "unet_advaug"
 METHOD_SETS = (("fgsm",), ("invfgsm",), ("fgsm", "invfgsm"))
 
 
 def _run(configs: list[str], **overrides) -> None:
-    from monai.bundle import run
-
-    files = [str(BUNDLE / "configs" / c) for c in configs]
-    meta = str(BUNDLE / "configs" / "metadata.json")
-    run(config_file=files, bundle_root=str(BUNDLE), meta_file=meta, **overrides)
+    run_bundle(BUNDLE, configs, overrides, in_process=True)
 
 
 def main(

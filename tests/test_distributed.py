@@ -269,14 +269,9 @@ TINY = {"phantom_cases": 10, "image_size": [64, 64], "batch_size": 2, "max_epoch
 
 
 def _bundle_args(name: str, configs: list[str], overrides: dict) -> list[str]:
-    bundle = BUNDLES / name
-    files = json.dumps([str(bundle / "configs" / c) for c in configs])
-    args = ["-m", "monai.bundle", "run", "--config_file", files,
-            "--meta_file", str(bundle / "configs" / "metadata.json"),
-            "--logging_file", str(bundle / "configs" / "logging.conf"), "--bundle_root", str(bundle)]
-    for key, value in overrides.items():
-        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
-    return args
+    from scripts.bundle_run import bundle_command
+
+    return bundle_command(name, configs, overrides)
 
 
 def test_nlcen_trains_with_ddp_and_its_sweep_under_two_ranks_equals_one_process(tmp_path):

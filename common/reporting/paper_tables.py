@@ -34,6 +34,7 @@ __all__ = [
     "PERTURBATION_METRICS",
     "sweep_table",
     "read_per_case",
+    "at_eps",
     "defence_table",
     "steps_table",
     "certification_tables",
@@ -107,16 +108,8 @@ def read_per_case(path: str | Path) -> dict[tuple[str, float], dict[str, np.ndar
     return {k: {m: np.asarray(v) if m != "case_id" else v for m, v in g.items()} for k, g in groups.items()}
 
 
-def _at_eps(per_case: Mapping[tuple[str, float], Mapping[str, Any]], eps: float, attack: str = "fgsm"):
-    """The group of the clean row (ε = 0) or of ``attack`` at ``eps``."""
-    key = ("clean", 0.0) if eps == 0 else (attack, round(float(eps), 6))
-    if key not in per_case:
-        raise ValueError(f"per_case: no rows for {key}; found {sorted(per_case)}")
-    return per_case[key]
 
-
-
-def _at_eps(per_case: Mapping[tuple[str, float], Mapping[str, Any]], eps: float, attack: str = "fgsm"):
+def at_eps(per_case: Mapping[tuple[str, float], Mapping[str, Any]], eps: float, attack: str = "fgsm"):
     """The group of the clean row (ε = 0) or of ``attack`` at ``eps``."""
     key = ("clean", 0.0) if eps == 0 else (attack, round(float(eps), 6))
     if key not in per_case:
@@ -146,14 +139,14 @@ def defence_table(
     if reference not in models:
         raise ValueError(f"models: the reference model {reference!r} is missing")
     names = [reference] + [m for m in models if m != reference]
-    cases = _at_eps(models[reference], 0.0)["case_id"]
+    cases = at_eps(models[reference], 0.0)["case_id"]
     for m in names:
-        if _at_eps(models[m], 0.0)["case_id"] != cases:
+        if at_eps(models[m], 0.0)["case_id"] != cases:
             raise ValueError(f"models: {m!r} was evaluated on other cases than {reference!r}")
     rows: list[dict[str, Any]] = []
     for region in regions:
         metric = f"dice_{region}"
-        values = {m: {e: _at_eps(models[m], e)[metric] for e in eps_values} for m in names}
+        values = {m: {e: at_eps(models[m], e)[metric] for e in eps_values} for m in names}
         defended = names[1:]
         p = {
             e: np.array([paired_wilcoxon(values[reference][e], values[m][e]) for m in defended]).reshape(-1)
