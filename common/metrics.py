@@ -179,6 +179,13 @@ def _check_masks(pred: torch.Tensor, target: torch.Tensor, names: Sequence[str])
     return names
 
 
+def _keyed(names: Sequence[str], **metrics: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{"<metric>_<name>": (B,)}`` per metric (B, R) and name, then ``"<metric>_mean"`` of each."""
+    scores = {f"{m}_{n}": v[:, r] for m, v in metrics.items() for r, n in enumerate(names)}
+    scores.update({f"{m}_mean": v.mean(dim=1) for m, v in metrics.items()})
+    return scores
+
+
 def _keep_mask(ignore: torch.Tensor | None, masks: torch.Tensor) -> torch.Tensor | None:
     """``~ignore`` as (B, 1, *spatial) float64, or None."""
     if ignore is None:
@@ -221,10 +228,7 @@ def overlap_scores(
     union = p_sum + t_sum - inter
     dice = torch.where(p_sum + t_sum > 0, 2 * inter / (p_sum + t_sum).clamp(min=1e-300), 1.0)
     iou = torch.where(union > 0, inter / union.clamp(min=1e-300), 1.0)
-    scores = {f"dice_{n}": dice[:, r] for r, n in enumerate(names)}
-    scores.update({f"iou_{n}": iou[:, r] for r, n in enumerate(names)})
-    scores["dice_mean"], scores["iou_mean"] = dice.mean(dim=1), iou.mean(dim=1)
-    return scores
+    return _keyed(names, dice=dice, iou=iou)
 
 
 def surface_scores(
@@ -262,10 +266,7 @@ def surface_scores(
     both_empty, one_empty = ~p_any & ~t_any, p_any ^ t_any
     hd = torch.where(both_empty, 0.0, torch.where(one_empty, torch.inf, hd))
     nsd = torch.where(both_empty, 1.0, torch.where(one_empty, 0.0, nsd))
-    scores = {f"hd95_{n}": hd[:, r] for r, n in enumerate(names)}
-    scores.update({f"nsd_{n}": nsd[:, r] for r, n in enumerate(names)})
-    scores["hd95_mean"], scores["nsd_mean"] = hd.mean(dim=1), nsd.mean(dim=1)
-    return scores
+    return _keyed(names, hd95=hd, nsd=nsd)
 
 
 def segmentation_scores(

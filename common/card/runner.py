@@ -358,7 +358,7 @@ def run_card(
         output_dir: where the card goes (default ``<bundle_root>/eval/robustness_card``).
         eps: ε grid, fractions of the input range; ``sigmas``: σ grid, in the same unit.
         n0, n, alpha, tau, batch_size: certification (:func:`common.certify.certify`, Holm correction).
-        steps: iterations of the I-FGSM attacks (α = 2.5 ε / steps).
+        steps: iterations of the I-FGSM attacks (IFGSM's default α = ε / steps).
         max_cases: use at most this many cases of the datalist section.
         seed: seeds MONAI (``set_determinism``) and the certification noise.
         overrides: config ids of the bundle's config to set before parsing (``{"image_size": [64, 64]}``).
