@@ -124,8 +124,9 @@ class AdversarialTrainingIteration(_ObjectiveIteration):
 
 
 class NoiseAugmentationIteration(_ObjectiveIteration):
-    """Seed 001's baseline: the loss of a batch perturbed by uniform noise of L∞ radius r plus the loss of
-    the clean batch, weighted β and 1 − β like Eq. 9 (β = 0.5: both halves count equally)."""
+    """The uniform-noise baseline of Liu et al., J. Digit. Imaging 2021: the loss of a batch perturbed by
+    uniform noise of L∞ radius r plus the loss of the clean batch, weighted β and 1 − β like Eq. 9
+    (β = 0.5: both halves count equally)."""
 
     def __init__(self, radius: float = 0.01, beta: float = 0.5, seed: int | None = None) -> None:
         self.radius = check_nonnegative(radius, "radius")
