@@ -1,8 +1,13 @@
 """A MONAI Deploy application that segments one NIfTI image with an exported bundle of this project.
 
-    python -m scripts.deploy_app --bundle model.ts --input case.nii.gz --output_dir out/
-    python -m scripts.deploy_app --bundle my_bundle_dir --input case.nii.gz --output_dir out/ \\
-        --config_names inference,inference_demo
+    python -m scripts.deploy_env                 # the SDK's own venv, .venv-deploy (once; seconds)
+    PYTHONPATH=. .venv-deploy/bin/python -m scripts.deploy_app --bundle model.ts --input case.nii.gz \\
+        --output_dir out/
+    PYTHONPATH=. .venv-deploy/bin/python -m scripts.deploy_app --bundle my_bundle_dir --input case.nii.gz \\
+        --output_dir out/ --config_names inference,inference_demo
+
+Bad input (a missing or unreadable file, a ``models/model.pt`` that is not weights-only) ends in one line
+``error: ...`` naming the file, exit status 2 (``scripts.cli.run``); ``--debug`` adds the traceback.
 
 The operator graph is ``NiftiImageLoaderOperator → MonaiBundleInferenceOperator → NiftiSegWriterOperator``:
 
@@ -43,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from common.io import atomic_path
+from common.safe_load import check_weights_only, weights_only_loads
 
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import AppContext, Application, Fragment, Image, IOType, Operator, OperatorSpec
@@ -55,6 +61,7 @@ __all__ = [
     "label_map_from_image",
     "write_label_nifti",
     "segment",
+    "check_weights",
     "main",
 ]
 
@@ -248,6 +255,31 @@ def _check_bundle(bundle: Path, config_names: Sequence[str]) -> None:
         raise FileNotFoundError(f"bundle: {bundle / 'models'} has neither model.ts nor model.pt")
 
 
+def check_weights(bundle: Path) -> None:
+    """A directory bundle's ``models/model.pt`` must load with ``torch.load(weights_only=True)`` before the
+    SDK loads it with its own ``torch.load`` (see :mod:`common.safe_load`); raises
+    :class:`common.errors.InputError` naming the file otherwise. A TorchScript file (``model.ts``,
+    ``--bundle x.ts``) is loaded with ``torch.jit.load``, which runs no pickled Python code."""
+    weights = bundle / "models" / "model.pt"
+    if bundle.is_dir() and weights.is_file():
+        check_weights_only(weights, "bundle")
+
+
+def _check_input_image(path: Path) -> None:
+    """Read ``path`` as the bundles' ``LoadImaged`` does; an empty, truncated or non-image file, or one
+    holding NaN / Inf, raises :class:`common.errors.InputError` naming it (before the application starts:
+    inside it the same fault would end in a long operator traceback that does not name the file)."""
+    import torch
+
+    from common.errors import InputError
+    from common.transforms import LoadImaged
+
+    image = LoadImaged(keys="image", image_only=True)({"image": str(path)})["image"]
+    bad = int((~torch.isfinite(torch.as_tensor(image))).sum())
+    if bad:
+        raise InputError(f"input: {path} holds {bad} NaN/Inf values")
+
+
 def segment(
     bundle: str | os.PathLike,
     input: str | os.PathLike,
@@ -256,7 +288,10 @@ def segment(
 ) -> Path:
     """Run :class:`BundleSegmentationApp` on ``input`` and return the written
     ``<output_dir>/<input name>_seg.nii.gz``. Raises ``FileNotFoundError`` / ``ValueError`` naming the bad
-    argument, and ``RuntimeError`` if the application ends without writing the segmentation."""
+    argument (:class:`common.errors.InputError` for a bundle whose ``models/model.pt`` is not weights-only,
+    see :func:`check_weights`, and for an input that cannot be read as an image), and ``RuntimeError`` if
+    the application ends without writing the segmentation. The SDK's own loads run under
+    :func:`common.safe_load.weights_only_loads`."""
     bundle, input_path = Path(bundle).expanduser().resolve(), Path(input).expanduser().resolve()
     if isinstance(config_names, str):
         config_names = [c for c in config_names.split(",") if c.strip()]
@@ -268,9 +303,12 @@ def segment(
         raise FileNotFoundError(f"input: no such file {input_path}")
     if not input_path.name.endswith(NIFTI_SUFFIXES):
         raise ValueError(f"input: expected a NIfTI file (.nii or .nii.gz), got {input_path.name}")
+    check_weights(bundle)
+    _check_input_image(input_path)
     output_file = Path(output_dir).expanduser().resolve() / f"{_nifti_stem(input_path)}_seg.nii.gz"
     app = BundleSegmentationApp(bundle, input_path, output_file, config_names)
-    app.run()
+    with weights_only_loads():
+        app.run()
     if app.writer is None or app.writer.written_path != output_file:
         raise RuntimeError(f"the Deploy application ended without writing {output_file} (see the log above)")
     return output_file

@@ -30,8 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VENV = REPO / ".venv-label"
 DEFAULT_REQUIREMENTS = REPO / "requirements-label.txt"
 STAMP_NAME = ".requirements.sha256"
+LAYER_PTH = "_base_layer.pth"
 
-__all__ = ["DEFAULT_VENV", "DEFAULT_REQUIREMENTS", "requirements_hash", "venv_python", "is_current", "ensure_env", "main"]
+__all__ = [
+    "DEFAULT_VENV", "DEFAULT_REQUIREMENTS", "requirements_hash", "stamp_value", "venv_python", "is_current",
+    "ensure_env", "main",
+]
 
 
 def requirements_hash(requirements: str | os.PathLike = DEFAULT_REQUIREMENTS) -> str:
@@ -47,13 +51,26 @@ def venv_python(venv_dir: str | os.PathLike = DEFAULT_VENV) -> Path:
     return Path(venv_dir) / "bin" / "python"
 
 
-def is_current(venv_dir: str | os.PathLike = DEFAULT_VENV, requirements: str | os.PathLike = DEFAULT_REQUIREMENTS) -> bool:
-    """True when the venv has an interpreter and a stamp equal to the requirements' hash."""
+def stamp_value(requirements: str | os.PathLike = DEFAULT_REQUIREMENTS, layer_over: str | os.PathLike | None = None) -> str:
+    """What a current venv's stamp holds: the requirements' hash; for a layered venv (see
+    :func:`ensure_env`), the SHA-256 of that hash and the base site-packages path."""
+    digest = requirements_hash(requirements)
+    if layer_over is None:
+        return digest
+    return hashlib.sha256(f"{digest}\n{Path(layer_over).resolve()}".encode()).hexdigest()
+
+
+def is_current(
+    venv_dir: str | os.PathLike = DEFAULT_VENV,
+    requirements: str | os.PathLike = DEFAULT_REQUIREMENTS,
+    layer_over: str | os.PathLike | None = None,
+) -> bool:
+    """True when the venv has an interpreter and a stamp equal to :func:`stamp_value`."""
     stamp = Path(venv_dir) / STAMP_NAME
     return (
         venv_python(venv_dir).exists()
         and stamp.is_file()
-        and stamp.read_text().strip() == requirements_hash(requirements)
+        and stamp.read_text().strip() == stamp_value(requirements, layer_over)
     )
 
 
@@ -71,6 +88,7 @@ def ensure_env(
     python: str | os.PathLike | None = None,
     timeout: float = 3600.0,
     verbose: bool = False,
+    layer_over: str | os.PathLike | None = None,
 ) -> Path:
     """Return the interpreter of an up-to-date MONAI Label venv at ``venv_dir``, building it first when
     its stamp does not match ``requirements`` (the build takes minutes: torch with its CUDA libraries
@@ -83,16 +101,21 @@ def ensure_env(
             is based on the same base interpreter).
         timeout: seconds allowed for each of ``venv`` and ``pip install``.
         verbose: print the time the build took to stderr.
+        layer_over: a site-packages directory (e.g. the main venv's) that the new venv sees after its
+            own packages, through a ``.pth`` file: only what ``requirements`` lists is installed, anything
+            else is imported from there. ``None`` (MONAI Label): a self-contained venv.
     """
     venv_dir = Path(venv_dir).resolve()
-    digest = requirements_hash(requirements)
+    digest = stamp_value(requirements, layer_over)
+    if layer_over is not None and not Path(layer_over).is_dir():
+        raise FileNotFoundError(f"layer_over: no such directory {layer_over}")
     if timeout <= 0:
         raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
     venv_dir.parent.mkdir(parents=True, exist_ok=True)
     lock_name = f"monai_label_env-{hashlib.sha256(str(venv_dir).encode()).hexdigest()[:16]}.lock"
     with open(Path(tempfile.gettempdir()) / lock_name, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if is_current(venv_dir, requirements):
+        if is_current(venv_dir, requirements, layer_over):
             return venv_python(venv_dir)
         start = time.perf_counter()
         if venv_dir.exists():
@@ -103,6 +126,13 @@ def ensure_env(
              "-r", str(Path(requirements).resolve())],
             timeout,
         )
+        if layer_over is not None:  # after the install: pip would take the base's packages as installed
+            purelib = subprocess.run(
+                [str(venv_python(venv_dir)), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                capture_output=True, text=True, check=True, timeout=timeout,
+            ).stdout.strip()
+            # site appends a .pth file's paths after the venv's own site-packages: the venv's packages win
+            (Path(purelib) / LAYER_PTH).write_text(f"{Path(layer_over).resolve()}\n")
         from common.io import atomic_write_text
 
         atomic_write_text(venv_dir / STAMP_NAME, digest + "\n")

@@ -6,8 +6,9 @@
         --bundle_dir B --image b.nii.gz --output b_seg.nii.gz
 
 Runs in the MONAI Label venv (``scripts/monai_label_env.py``; the repository on ``PYTHONPATH`` so the
-bundle's ``$import common...`` lines resolve). That venv carries MONAI Label's inference stack only,
-not ``fire``, hence ``argparse`` here. What MONAI Label does with the bundle directory (monailabel
+bundle's ``$import common...`` lines resolve). That venv carries MONAI Label's inference stack (and
+``fire``, which ``scripts.cli.run`` needs for the one-line error convention); arguments are parsed with
+``argparse`` (repeated flags). What MONAI Label does with the bundle directory (monailabel
 0.8.5, ``monailabel/tasks/infer/bundle.py``):
 
 - reads ``configs/inference.json`` and sets its ``bundle_root`` to ``bundle_dir``;
@@ -40,7 +41,11 @@ def segment(bundle_dir: str | Path, image: str | Path, output: str | Path, devic
     extension) to ``output`` and return the task's facts (see the module docstring).
 
     Raises ``FileNotFoundError`` naming the bundle's inference config, its ``models/model.pt`` or the
-    image when missing, and ``ValueError`` for a bundle that MONAI Label rejects.
+    image when missing, :class:`common.errors.InputError` naming ``models/model.pt`` when it does not load
+    with ``torch.load(weights_only=True)`` (checked before MONAI Label, whose loader does not pass
+    ``weights_only`` and so would run a pickle's code under ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``; its
+    loads run under :func:`common.safe_load.weights_only_loads`), and ``ValueError`` for a bundle that
+    MONAI Label rejects.
     """
     bundle_dir, image, output = Path(bundle_dir).resolve(), Path(image).resolve(), Path(output)
     config = bundle_dir / "configs" / "inference.json"
@@ -49,15 +54,20 @@ def segment(bundle_dir: str | Path, image: str | Path, output: str | Path, devic
         if not path.is_file():
             raise FileNotFoundError(f"{name}: no such file {path}")
 
+    from common.safe_load import check_weights_only, weights_only_loads
+
+    check_weights_only(weights, "bundle_dir")  # before MONAI Label's own torch.load sees the file
+
     from monailabel.tasks.infer.bundle import BundleInferTask
 
     from common.io import atomic_path
 
-    task = BundleInferTask(str(bundle_dir), conf={})
-    if not task.is_valid():
-        raise ValueError(f"bundle_dir: MONAI Label did not accept {bundle_dir} as a bundle (see its log)")
-    ext = "".join(image.suffixes[-2:]) if image.name.endswith(".nii.gz") else image.suffix
-    result_file, result = task({"image": str(image), "device": device, "result_extension": ext})
+    with weights_only_loads():
+        task = BundleInferTask(str(bundle_dir), conf={})
+        if not task.is_valid():
+            raise ValueError(f"bundle_dir: MONAI Label did not accept {bundle_dir} as a bundle (see its log)")
+        ext = "".join(image.suffixes[-2:]) if image.name.endswith(".nii.gz") else image.suffix
+        result_file, result = task({"image": str(image), "device": device, "result_extension": ext})
     if not isinstance(result_file, str) or not Path(result_file).is_file():
         raise ValueError(f"bundle_dir: MONAI Label wrote no label file for {image} (got {result_file!r})")
     with atomic_path(output) as tmp:

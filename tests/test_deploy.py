@@ -1,211 +1,83 @@
-"""MONAI Deploy end to end: export the certified_seg bundle, segment a phantom NIfTI with the Deploy
-application of scripts/deploy_app.py, and compare with ``python -m monai.bundle run`` of the same
-bundle's inference config on the same file.
+"""MONAI Deploy runs in its own venv; the main venv stays free of it.
 
-Needs the ``deploy`` extra (monai-deploy-app-sdk, pydicom, highdicom); run it in that environment:
-``/work/venv-deploy/bin/python -m pytest tests/test_deploy.py -q``. Without the SDK the module is
-skipped at import (the only skip), so the main suite still collects.
+``.venv-deploy`` (``scripts/deploy_env.py``, from the pinned ``requirements-deploy.txt``) is built on first
+use — the SDK's wheels unpacked over the main venv's packages — and reused while its stamp matches. The
+Deploy test cases (``tests/deploy_sdk_cases.py``: export, segmentation against ``monai.bundle run``,
+refused checkpoints and inputs) run there in one pytest process. In the main venv ``import monai`` must
+not load the SDK (Holoscan, CuPy) nor print anything.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
-import zipfile
+import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-# The only skip: the SDK is an optional extra (CI installs it); every test below needs it.
-pytest.importorskip("monai.deploy.operators", reason="needs monai-deploy-app-sdk, pydicom, highdicom")
+from bundle_run import REPO
+from scripts.deploy_env import DEFAULT_REQUIREMENTS, base_site_packages, ensure_deploy_env
+from scripts.monai_label_env import STAMP_NAME, is_current, stamp_value
 
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from monai.bundle import ConfigParser, ckpt_export  # noqa: E402
-
-from common.checkpoint import save_weights  # noqa: E402
-from common.data.synthetic import write_phantom_dataset  # noqa: E402
-from monai.deploy.core import Image  # noqa: E402
-from monai.deploy.operators import MonaiBundleInferenceOperator  # noqa: E402
-from scripts.deploy_app import label_map_from_image, segment, write_label_nifti  # noqa: E402
-from tests.bundle_run import BUNDLES, REPO, run_bundle  # noqa: E402
-
-NAME = "certified_seg"
-BUNDLE = BUNDLES / NAME
-CONFIGS = ["inference.json", "inference_demo.json"]  # the demo sizes: 32x32 input, UNet channels 8-16-32
-CONFIG_NAMES = "inference,inference_demo"
-
-
-def _nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    img = nib.load(path)
-    return np.asanyarray(img.dataobj), img.affine
+BUILD_TIMEOUT = 1800  # s; the build took 14-29 s here (wheels on local disk), about 0.45 GB
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(BUILD_TIMEOUT + 1200)]
+SDK_CASES = 12  # tests in tests/deploy_sdk_cases.py (parametrized cases counted)
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A 48x40 chest phantom (not the network's 32x32, so Resized and Invertd both act), seeded UNet
-    weights saved as {"model": CPU state dict}, the TorchScript bundle from ckpt_export, and the
-    reference segmentation of ``monai.bundle run`` with the same configs."""
-    root = tmp_path_factory.mktemp("deploy")
-    write_phantom_dataset("chest", root / "data", num_cases=3, size=(48, 40), seed=3)
-    image = root / "data" / "imagesTr" / "chest_000.nii.gz"
-
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE / "configs" / c) for c in CONFIGS])
-    torch.manual_seed(0)
-    weights = save_weights(parser.get_parsed_content("network_def"), root / "weights" / "model.pt")
-
-    model_ts = root / "export" / "model.ts"
-    model_ts.parent.mkdir()
-    ckpt_export(
-        net_id="network_def", filepath=str(model_ts), ckpt_file=str(weights), key_in_ckpt="model",
-        meta_file=str(BUNDLE / "configs" / "metadata.json"),
-        config_file=[str(BUNDLE / "configs" / c) for c in CONFIGS], bundle_root=str(BUNDLE),
-    )
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")  # same thread count as the Deploy runs: bitwise-equal convolutions
-        overrides = {"ckpt_dir": str(weights.parent), "output_dir": str(root / "reference")}
-        run_bundle(NAME, CONFIGS, {**overrides, "datalist": [{"image": str(image)}]})
-    return {"root": root, "image": image, "weights": weights, "model_ts": model_ts,
-            "reference": root / "reference" / "chest_000_seg.nii.gz"}
+def deploy_python() -> Path:
+    return ensure_deploy_env(timeout=BUILD_TIMEOUT)
 
 
-def _declared_classes() -> set[int]:
-    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
-    return {int(k) for k in meta["network_data_format"]["outputs"]["pred"]["channel_def"]}
+def test_sdk_cases_pass_in_the_deploy_env(deploy_python):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [str(deploy_python), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+           str(REPO / "tests" / "deploy_sdk_cases.py")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-3000:]
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert f"{SDK_CASES} passed" in summary and "skipped" not in summary, summary
 
 
-def _check_against_reference(seg_path: Path, exported: dict) -> None:
-    seg, seg_affine = _nifti(seg_path)
-    img, img_affine = _nifti(exported["image"])
-    ref, _ = _nifti(exported["reference"])
-    assert seg.dtype == np.uint8
-    assert seg.shape == img.shape == (48, 40)
-    np.testing.assert_allclose(seg_affine, img_affine, atol=1e-6)
-    assert set(np.unique(seg).tolist()) <= _declared_classes()
-    assert len(np.unique(ref)) >= 2  # the comparison is not between two constant maps
-    np.testing.assert_array_equal(seg, ref)
+def test_deploy_env_is_a_layer_with_its_own_sdk(deploy_python):
+    """The SDK, and the ``monai`` it extends, come from the Deploy venv; torch from the main venv."""
+    probe = "import monai, monai.deploy, torch; print(monai.__file__); print(monai.deploy.__file__); print(torch.__file__)"
+    proc = subprocess.run([str(deploy_python), "-c", probe], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    monai_file, deploy_file, torch_file = proc.stdout.split()
+    venv = deploy_python.parent.parent.resolve()
+    assert Path(monai_file).resolve().is_relative_to(venv) and Path(deploy_file).resolve().is_relative_to(venv)
+    assert Path(torch_file).resolve().is_relative_to(base_site_packages())
+    assert is_current(venv, DEFAULT_REQUIREMENTS, base_site_packages())
+    assert (venv / STAMP_NAME).read_text().strip() == stamp_value(DEFAULT_REQUIREMENTS, base_site_packages())
+    assert not is_current(venv, DEFAULT_REQUIREMENTS, None)  # another base (none) makes it stale
+    start = time.perf_counter()
+    assert ensure_deploy_env() == deploy_python
+    assert time.perf_counter() - start < 5.0  # reuse installs nothing
 
 
-def test_weights_layout_and_export(exported):
-    """The checkpoint is {"model": state dict of CPU tensors}; model.ts embeds metadata and both configs."""
-    ckpt = torch.load(exported["weights"], map_location="cpu", weights_only=True)
-    assert list(ckpt) == ["model"]
-    assert all(t.device.type == "cpu" for t in ckpt["model"].values())
-    with zipfile.ZipFile(exported["model_ts"]) as archive:
-        extra = {Path(n).name for n in archive.namelist() if "/extra/" in n}
-    assert extra == {"metadata.json", *CONFIGS}
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE / "configs" / c) for c in CONFIGS])
-    eager = parser.get_parsed_content("network_def")
-    eager.load_state_dict(ckpt["model"])
-    x = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        scripted = torch.jit.load(str(exported["model_ts"])).eval()
-        torch.testing.assert_close(scripted(x), eager.eval()(x), rtol=0, atol=1e-6)
+def test_main_env_import_monai_is_quiet_and_without_the_sdk():
+    """Holoscan prints a stack-size warning and costs ~1.3 s on every ``import monai`` where the SDK is
+    installed; the main venv must not have it."""
+    probe = ("import importlib.util, sys, monai; "
+             "assert importlib.util.find_spec('monai.deploy') is None, 'monai.deploy is installed'; "
+             "assert 'holoscan' not in sys.modules and 'cupy' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == "" and proc.stderr == "", (proc.stdout + proc.stderr)[-2000:]
 
 
-def test_deploy_cli_torchscript_bundle_matches_bundle_run(exported):
-    """``python -m scripts.deploy_app`` on the ckpt_export TorchScript file, as a user runs it."""
-    out = exported["root"] / "deploy_ts"
-    pythonpath = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
-    cmd = [sys.executable, "-m", "scripts.deploy_app", "--bundle", str(exported["model_ts"]),
-           "--input", str(exported["image"]), "--output_dir", str(out), "--config_names", CONFIG_NAMES]
-    proc = subprocess.run(cmd, cwd=exported["root"], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    seg_path = out / "chest_000_seg.nii.gz"
-    assert proc.stdout.strip().splitlines()[-1] == str(seg_path)
-    assert sorted(p.name for p in out.iterdir()) == ["chest_000_seg.nii.gz"]  # no temporary left behind
-    _check_against_reference(seg_path, exported)
-
-
-def test_deploy_directory_bundle_pt_fallback(exported, tmp_path, monkeypatch):
-    """A bundle directory with models/model.pt ({"model": state dict}): the SDK builds ``network`` from the
-    config and loads the weights itself (its .pt fallback); same segmentation as the bundle run."""
-    monkeypatch.chdir(tmp_path)
-    bundle = tmp_path / NAME
-    (bundle / "configs").mkdir(parents=True)
-    for name in ["metadata.json", *CONFIGS]:
-        shutil.copy(BUNDLE / "configs" / name, bundle / "configs" / name)
-    (bundle / "models").mkdir()
-    shutil.copy(exported["weights"], bundle / "models" / "model.pt")
-    seg_path = segment(bundle, exported["image"], tmp_path / "out", config_names=CONFIG_NAMES)
-    assert seg_path == tmp_path / "out" / "chest_000_seg.nii.gz"
-    _check_against_reference(seg_path, exported)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [NAME, "out"]  # nothing else written to the cwd
-
-
-def test_segment_rejects_bad_arguments(exported, tmp_path):
-    image, model_ts = exported["image"], exported["model_ts"]
-    with pytest.raises(FileNotFoundError, match="bundle"):
-        segment(tmp_path / "missing.ts", image, tmp_path)
-    with pytest.raises(ValueError, match="bundle"):
-        segment(exported["weights"], image, tmp_path)  # a plain checkpoint, not a TorchScript bundle
-    with pytest.raises(ValueError, match="bundle.*train.json"):
-        segment(model_ts, image, tmp_path, config_names="inference,train")  # not embedded by the export
-    with pytest.raises(FileNotFoundError, match="input"):
-        segment(model_ts, tmp_path / "missing.nii.gz", tmp_path, config_names=CONFIG_NAMES)
-    with pytest.raises(ValueError, match="input"):
-        segment(model_ts, exported["weights"], tmp_path, config_names=CONFIG_NAMES)
-    with pytest.raises(ValueError, match="config_names"):
-        segment(model_ts, image, tmp_path, config_names="../inference")
-    (tmp_path / "b" / "configs").mkdir(parents=True)
-    for name in ["metadata.json", "inference.json"]:
-        shutil.copy(BUNDLE / "configs" / name, tmp_path / "b" / "configs" / name)
-    with pytest.raises(FileNotFoundError, match="model.ts nor model.pt"):
-        segment(tmp_path / "b", image, tmp_path)  # a bundle directory without weights
-    assert not list(tmp_path.glob("*.nii.gz"))
-
-
-def test_write_label_nifti_round_trip_and_checks(tmp_path):
-    """uint8 labels and the affine come back from nibabel unchanged; bad labels / affines write nothing."""
-    rng = np.random.default_rng(0)
-    seg = rng.integers(0, 5, size=(6, 5, 4))
-    affine = np.array([[0.8, 0.0, 0.0, -10.0], [0.0, 0.8, 0.0, 4.0], [0.0, 0.0, 1.5, 2.5], [0, 0, 0, 1]])
-    path = write_label_nifti(seg, affine, tmp_path / "seg.nii.gz")
-    data, back = _nifti(path)
-    assert data.dtype == np.uint8 and np.array_equal(data, seg)
-    np.testing.assert_allclose(back, affine, atol=1e-6)
-    with pytest.raises(ValueError, match="seg"):
-        write_label_nifti(seg - 1, affine, tmp_path / "neg.nii.gz")
-    with pytest.raises(ValueError, match="affine"):
-        write_label_nifti(seg, np.full((4, 4), np.nan), tmp_path / "nan.nii.gz")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.nii.gz"]
-
-
-def _sdk_output(pred: torch.Tensor, meta: dict) -> Image:
-    """What MonaiBundleInferenceOperator emits for a (1, *spatial) prediction: its own ``_send_output``,
-    called on a stand-in for the operator that holds only the output declaration."""
-    sdk = MonaiBundleInferenceOperator
-    op = SimpleNamespace(_outputs={"pred": {"type": "image"}}, known_io_data_types=sdk.known_io_data_types)
-    op._get_io_data_type = lambda conf: sdk._get_io_data_type(op, conf)
-    sent = {}
-    port = SimpleNamespace(get=lambda name: None, emit=lambda value, name: sent.update({name: value}))
-    sdk._send_output(op, pred, "pred", meta, port, None)
-    return sent["pred"]
-
-
-@pytest.mark.parametrize("shape", [(6, 5), (6, 5, 4)])
-def test_label_map_from_image_inverts_the_sdk_layout(shape):
-    """The SDK reverses a 3D map's axes (DICOM order) and keeps a 2D one; the writer gets the
-    prediction back in the input's voxel order with the input file's affine, not the resized one."""
-    pred = torch.from_numpy(np.random.default_rng(1).integers(0, 5, size=(1, *shape)))
-    original = np.diag([0.8, 0.7, 1.5, 1.0])
-    meta = {"original_affine": original, "affine": np.eye(4), "spatial_shape": np.array(shape)}
-    image = _sdk_output(pred, meta)
-    assert image.asnumpy().shape == (shape if len(shape) == 2 else shape[::-1])
-    seg, affine = label_map_from_image(image)
-    assert seg.shape == shape and np.array_equal(seg, pred[0].numpy())
-    np.testing.assert_array_equal(affine, original)
-    with pytest.raises(ValueError, match="pred.*Invertd"):
-        label_map_from_image(_sdk_output(pred, {**meta, "spatial_shape": np.array(shape) + 1}))
-    with pytest.raises(ValueError, match="pred.*original_affine"):
-        label_map_from_image(_sdk_output(pred, {"spatial_shape": np.array(shape)}))
-    with pytest.raises(ValueError, match="pred"):
-        label_map_from_image(pred[0].numpy())
+def test_requirements_are_exact_pins_and_the_main_install_has_no_deploy():
+    lines = [ln.strip() for ln in DEFAULT_REQUIREMENTS.read_text().splitlines()]
+    pins = [ln for ln in lines if ln and not ln.startswith("#")]
+    assert pins and all(ln.count("==") == 1 and not any(c in ln for c in "<>~;@ ") for ln in pins)
+    names = {ln.split("==")[0].lower() for ln in pins}
+    assert {"monai-deploy-app-sdk", "holoscan-cu13", "pydicom", "highdicom", "monai"} <= names
+    assert "torch" not in names  # torch comes from the main venv (the layer), not a second copy
+    setup = (REPO / "scripts" / "setup_test_env.sh").read_text()
+    install = [ln for ln in setup.splitlines() if "pip install" in ln and "-e" in ln]
+    assert install and all("deploy" not in ln for ln in install), install

@@ -182,3 +182,40 @@ def test_infer_script_names_missing_files(tmp_path):
         segment(tmp_path / "missing", image, tmp_path / "out.nii.gz")
     with pytest.raises(ValueError, match="one of each per job"):
         infer_main(["--bundle_dir", "a", "--image", "b", "--output", "c", "--image", "d"])
+
+
+class _CodeInPickle:
+    """Unpickling this object calls ``open(marker, "w")``: the side effect of a crafted checkpoint."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_infer_refuses_a_checkpoint_with_code_even_when_torch_is_told_to_run_it(tmp_path, monkeypatch):
+    """Under TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 MONAI Label's plain ``torch.load`` would run a pickle's code;
+    segment() loads ``models/model.pt`` with ``weights_only=True`` before MONAI Label is imported (so this
+    runs in the main venv) and refuses it, naming the file; the side effect never happens."""
+    from common.errors import InputError
+    from common.safe_load import weights_only_loads
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    shutil.copytree(BUNDLES / "unet_advaug" / "configs", tmp_path / "bundle" / "configs")
+    weights = tmp_path / "bundle" / "models" / "model.pt"
+    weights.parent.mkdir()
+    marker = tmp_path / "side_effect"
+    torch.save({"model": _CodeInPickle(marker)}, weights)
+    image = tmp_path / "case.nii.gz"
+    _ct_slice(image)
+    torch.load(weights, map_location="cpu")  # the oracle: a load without weights_only runs the code
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(InputError, match=r"bundle_dir: .*models/model\.pt is not a weights-only checkpoint"):
+        segment(tmp_path / "bundle", image, tmp_path / "out.nii.gz")
+    # the context the third-party loaders run in: a load without weights_only is refused as well
+    with weights_only_loads(), pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(weights, map_location="cpu")
+    assert not marker.exists() and not (tmp_path / "out.nii.gz").exists()
+    assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1"  # restored after the block
