@@ -76,3 +76,13 @@ def test_bad_arguments_fail_with_one_line(args, message, tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "stack size" not in ln]
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_set_top_level_key_changes_that_key_only():
+    from common.studies.report import set_top_level_key
+
+    text = '{\n    "a": [1, 2],\n    "robustness_results": {"old": 1},\n    "z": {"robustness_results": 3}\n}\n'
+    out = set_top_level_key(text, "robustness_results", {"new": [1]})
+    assert out == ('{\n    "a": [1, 2],\n    "robustness_results": {\n        "new": [\n            1\n        ]\n    },\n'
+                   '    "z": {"robustness_results": 3}\n}\n')
+    assert set_top_level_key('{\n    "a": 1\n}\n', "k", 2) == '{\n    "a": 1,\n    "k": 2\n}\n'

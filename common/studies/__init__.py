@@ -66,5 +66,9 @@ def run_study(bundle: str, quick: bool = False, out_dir: str | Path | None = Non
         "commit": _commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+    value, keys = module.FLOOR
+    keys = [k for k in results["clean_dice"] if keys is None or k in keys]
+    results["clean_dice_floor"] = {"floor": value, "keys": keys,
+                                   "met": all(results["clean_dice"][k] >= value for k in keys)}
     write_results(out, results)
     return results

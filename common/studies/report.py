@@ -30,6 +30,7 @@ __all__ = [
     "write_results",
     "update_docs",
     "line_plot",
+    "set_top_level_key",
 ]
 
 BEGIN = "<!-- reproduce:begin -->"
@@ -72,8 +73,12 @@ def render_markdown(results: Mapping[str, Any], plot_prefix: str = "", heading: 
         f"{heading} Clean Dice\n",
         "| " + " | ".join(results["clean_dice"]) + " |\n| " + " | ".join("---" for _ in results["clean_dice"])
         + " |\n| " + " | ".join(f"{v:.3f}" for v in results["clean_dice"].values()) + " |\n",
-        f"{heading} Findings\n",
     ]
+    floor = results.get("clean_dice_floor")
+    if floor:
+        verdict = "met" if floor["met"] else "**not met** (the comparisons below are between weak models)"
+        out.append(f"Clean-Dice floor of the issue: {floor['floor']} for {', '.join(floor['keys'])}: {verdict}.\n")
+    out.append(f"{heading} Findings\n")
     for i, f in enumerate(results["findings"], 1):
         out.append(f"{i}. **{_verdict(f['holds'])}** — {f['claim']}  \n   Evidence: {f['evidence']}")
     out.append("")
@@ -87,7 +92,7 @@ def render_markdown(results: Mapping[str, Any], plot_prefix: str = "", heading: 
 
 def render_section(results: Mapping[str, Any]) -> str:
     """The README section between the markers (plots referenced next to the README in ``docs/``)."""
-    return f"{BEGIN}\n{render_markdown(results)}\n{END}"
+    return f"{BEGIN}\n{render_markdown(results, heading='####')}\n{END}"
 
 
 def replace_section(readme: str, section: str, heading: str = "## Reproduction study (generated)") -> str:
@@ -140,9 +145,35 @@ def update_docs(bundle_dir: str | Path, out_dir: str | Path) -> None:
     readme = docs / "README.md"
     atomic_write_text(readme, replace_section(readme.read_text(), render_section(results)))
     meta_path = bundle_dir / "configs" / "metadata.json"
-    meta = json.loads(meta_path.read_text())
-    meta["robustness_results"] = robustness_results(results)
-    atomic_write_text(meta_path, json.dumps(meta, indent=4, ensure_ascii=False) + "\n")
+    atomic_write_text(meta_path, set_top_level_key(meta_path.read_text(), "robustness_results",
+                                                   robustness_results(results)))
+
+
+def set_top_level_key(text: str, key: str, value: Any) -> str:
+    """JSON ``text`` (an object) with its top-level ``key`` set to ``value``, every other byte unchanged (the
+    metadata files are hand-formatted and edited by others): the old value's text is replaced in place, or the
+    key is appended before the closing brace. Checked by parsing the result."""
+    obj = json.loads(text)
+    body = json.dumps(value, indent=4, ensure_ascii=False).replace("\n", "\n    ")
+    decoder = json.JSONDecoder()
+    if key in obj:
+        match = None
+        for m in re.finditer(re.escape(json.dumps(key)) + r"\s*:\s*", text):
+            depth = text[: m.start()].count("{") - text[: m.start()].count("}")  # braces in strings are rare here
+            if depth == 1:
+                match = m
+        if match is None:
+            raise ValueError(f"metadata: cannot locate the top-level key {key!r}")
+        _, end = decoder.raw_decode(text, match.end())
+        out = text[: match.end()] + body + text[end:]
+    else:
+        close = text.rstrip().rindex("}")
+        head = text[:close].rstrip()
+        out = head + (",\n" if obj else "\n") + f"    {json.dumps(key)}: {body}\n" + text[close:]
+    expected = {**obj, key: value}
+    if json.loads(out) != json.loads(json.dumps(expected)):
+        raise ValueError(f"metadata: rewriting {key!r} would change other keys")
+    return out
 
 
 def line_plot(path: str | Path, title: str, xlabel: str, ylabel: str, series: Mapping[str, tuple[Sequence, Sequence]]) -> None:

@@ -22,6 +22,7 @@ from common.studies.report import table
 
 PAPER = "Li et al. (Springer 2019, ResDSN C2F)"
 HU = (-100.0, 240.0)
+FLOOR = (0.7, ["pancreas (C2F)"])  # issue #18: clean Dice floor of C2F
 
 
 def _settings(quick: bool) -> dict[str, Any]:
