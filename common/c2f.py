@@ -10,8 +10,11 @@
 - :func:`coarse_to_fine_predict` / :class:`CoarseToFine`: the whole test-time pipeline of Fig. 2.
 - :class:`CoarseToFineLogits`: a differentiable ``x -> logits`` of the same pipeline (coarse logits outside
   the crop box, fine logits inside), the target of white-box attacks on C2F.
-- :func:`hu_window_normalise` and :func:`hu_window_transforms`: clip to [-100, 240] HU, then per-case
-  z-normalisation (Sec. 4.1.1), with the case's (mean, std) so that ε in HU becomes ε_z = ε_HU / std.
+- :class:`SlidingWindowForwardN`: the attack's differentiable whole-volume forward over exactly the windows
+  of the coarse test (Sec. 3.3: the gradient of the volume is aggregated over the windows the model sees).
+- :func:`hu_window_normalise`: clip to [-100, 240] HU, then per-case z-normalisation (Sec. 4.1.1), with the
+  case's (mean, std) — the paper's preprocessing, written out in HU (the bundle's tests compare it with the
+  bundle's window-scaled pipeline; PGD training's per-case budget is :mod:`common.ct_window`).
 
 Spatial boxes are tuples of ``slice`` objects, one per spatial axis, applied to the trailing axes.
 """
@@ -24,11 +27,11 @@ from fractions import Fraction
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
-from monai.transforms import NormalizeIntensityd, ScaleIntensityRanged
 from monai.transforms.utils import generate_spatial_bounding_box
 from scipy import ndimage
 
 from common.networks.forwards import check_autograd_forward
+from common.sliding_window import SlidingWindowForward
 from common.validation import check_clip, check_image, check_nonnegative, check_positive_int, check_probability
 
 __all__ = [
@@ -39,13 +42,12 @@ __all__ = [
     "windows_per_axis",
     "overlap_for_n",
     "SlidingWindowN",
+    "SlidingWindowForwardN",
     "remove_small_components",
     "coarse_to_fine_predict",
     "CoarseToFine",
     "CoarseToFineLogits",
     "hu_window_normalise",
-    "hu_window_transforms",
-    "hu_to_z",
     "HU_RANGE",
 ]
 
@@ -232,6 +234,41 @@ class SlidingWindowN:
         return sliding_window_inference(
             x, self.roi_size, self.sw_batch_size, self._predict, overlap=overlap, mode=self.mode
         )
+
+
+class SlidingWindowForwardN(SlidingWindowForward):
+    """:class:`common.sliding_window.SlidingWindowForward` over the windows :class:`SlidingWindowN` scans:
+    the overlap is :func:`overlap_for_n` of each input's own size, so an attack's gradient windows are the
+    coarse test windows of that case (``⌊W / W_I⌋ + n`` per axis; e.g. 13 along a 466-slice axis for
+    W_I = 64, n = 6, where the overlap of a fixed 256-slice reference grid would scan 19).
+
+    Args as ``SlidingWindowForward`` with ``n`` (the paper's density, n = 6 coarse) instead of ``overlap``.
+    """
+
+    def __init__(
+        self,
+        network: Callable,
+        roi_size: Sequence[int],
+        n: int,
+        sw_batch_size: int = 4,
+        mode: str = "constant",
+        aggregation: str = "exact",
+        skip_background: bool = False,
+    ) -> None:
+        super().__init__(network, roi_size, 0.0, sw_batch_size, mode, aggregation, skip_background)
+        self.n = int(check_nonnegative(n, "n"))
+
+    def _set_overlap(self, x: torch.Tensor) -> None:
+        check_image(x, "x")
+        self.overlap = overlap_for_n(tuple(x.shape[2:]), self._roi(x), self.n)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self._set_overlap(x)
+        return super().__call__(x)
+
+    def _window_mean_gradient(self, x, y, loss):
+        self._set_overlap(x)
+        return super()._window_mean_gradient(x, y, loss)
 
 
 def remove_small_components(
@@ -432,10 +469,8 @@ def hu_window_normalise(
         x: (B, C, *spatial) CT in HU.
 
     Returns ``(z, mean, std)``: z (B, C, *spatial) float32, and each case's mean and population std
-    (B,) in HU after clipping (std 0 → 1, as MONAI's ``NormalizeIntensity``). ``z`` equals the output of
-    :func:`hu_window_transforms`; this function exists because MONAI's transform does not return the
-    statistics, which are needed to express the paper's ε = 0.03 Λ (HU) in the network's units:
-    ε_z = ε_HU / std (:func:`hu_to_z`).
+    (B,) in HU after clipping (std 0 → 1, as MONAI's ``NormalizeIntensity``): the paper's preprocessing in
+    its own units, against which the bundle's window-scaled pipeline is checked.
     """
     check_image(x, "x")
     low, high = check_clip(hu_range, "hu_range")
@@ -447,22 +482,3 @@ def hu_window_normalise(
     view = (-1,) + (1,) * (x.ndim - 1)
     return (clipped - mean.view(view)) / std.view(view), mean, std
 
-
-def hu_window_transforms(keys: str | Sequence[str] = "image", hu_range: Sequence[float] = HU_RANGE) -> list:
-    """The same preprocessing as MONAI dictionary transforms for a bundle's pipeline (per case):
-    ``ScaleIntensityRanged`` as an identity map on ``hu_range`` with ``clip=True`` (the truncation), then
-    ``NormalizeIntensityd`` (zero mean, unit population std over the whole case)."""
-    low, high = check_clip(hu_range, "hu_range")
-    return [
-        ScaleIntensityRanged(keys, a_min=low, a_max=high, b_min=low, b_max=high, clip=True),
-        NormalizeIntensityd(keys),
-    ]
-
-
-def hu_to_z(value_hu: float, std: torch.Tensor, spatial_dims: int = 3) -> torch.Tensor:
-    """A perturbation size in HU (e.g. ε = 0.03 Λ = 10.2 HU) in z units per case: value_hu / std,
-    shaped (B, 1, *[1]*spatial_dims) to broadcast against (B, C, *spatial)."""
-    value_hu = check_nonnegative(value_hu, "value_hu")
-    if not isinstance(std, torch.Tensor) or std.ndim != 1 or not bool((std > 0).all()):
-        raise ValueError("std: expected a 1-D tensor (B,) of positive standard deviations")
-    return (value_hu / std).view(-1, 1, *([1] * spatial_dims))

@@ -16,7 +16,6 @@ from common.attacks import (
     InvFGSM,
     KurakinIFGSM,
     constant_target,
-    eps_from_hu_window,
     eps_from_max_fraction,
     eps_from_pixel_scale,
     inverted_target,
@@ -243,12 +242,6 @@ def test_unit_helpers():
     assert eps_from_pixel_scale(2, (0.0, 255.0)) == pytest.approx(2.0)
     assert eps_from_max_fraction(0.05) == pytest.approx(0.05)
     assert eps_from_max_fraction(0.05, 4.0) == pytest.approx(0.2)
-    # ResDSN: ε = 0.03 Λ = 10.2 HU; after z-normalisation with σ = 51 HU that is 0.2 units
-    assert eps_from_hu_window(0.03, 51.0) == pytest.approx(0.2)
-    per_case = eps_from_hu_window(0.03, torch.tensor([51.0, 102.0]))
-    torch.testing.assert_close(per_case, torch.tensor([0.2, 0.1]))
-    with pytest.raises(ValueError, match="^std_hu"):
-        eps_from_hu_window(0.03, 0.0)
 
 
 def test_target_fn_maps_true_labels_to_targets():

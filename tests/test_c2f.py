@@ -12,20 +12,20 @@ from scipy import ndimage
 from common.c2f import (
     CoarseToFine,
     CoarseToFineLogits,
+    SlidingWindowForwardN,
     SlidingWindowN,
     bounding_box,
     coarse_to_fine_predict,
     crop_to_box,
     decrop,
     fine_input,
-    hu_to_z,
     hu_window_normalise,
-    hu_window_transforms,
     overlap_for_n,
     remove_small_components,
     windows_per_axis,
 )
 from common.networks.resdsn import ResDSN
+from common.sliding_window import SlidingWindowForward
 
 
 # --- bounding box, crop, de-crop (Eq. 4-5) ---------------------------------------------------------
@@ -313,7 +313,7 @@ def test_coarse_to_fine_logits_argmax_is_the_c2f_prediction_and_gradients_come_f
 # --- HU preprocessing ----------------------------------------------------------------------------
 
 
-def test_hu_window_normalise_matches_monai_transforms_and_converts_eps():
+def test_hu_window_normalise_is_clip_then_per_case_z():
     rng = np.random.default_rng(2)
     hu = torch.from_numpy(rng.uniform(-1000, 1000, size=(2, 1, 6, 7, 5)).astype(np.float32))
     z, mean, std = hu_window_normalise(hu)
@@ -323,15 +323,51 @@ def test_hu_window_normalise_matches_monai_transforms_and_converts_eps():
         assert abs(float(std[b]) - clipped[b].std()) < 1e-3
         oracle = (clipped[b] - clipped[b].mean()) / clipped[b].std()
         torch.testing.assert_close(z[b].double(), torch.from_numpy(oracle), atol=1e-5, rtol=0)
-        data = {"image": hu[b].clone()}
-        for t in hu_window_transforms("image"):
-            data = t(data)
-        torch.testing.assert_close(torch.as_tensor(data["image"]).float(), z[b], atol=1e-5, rtol=0)
-    eps_z = hu_to_z(0.03 * 340, std)
-    assert eps_z.shape == (2, 1, 1, 1, 1)
-    torch.testing.assert_close(eps_z.flatten(), 10.2 / std)
     with pytest.raises(ValueError, match="^hu_range"):
         hu_window_normalise(hu, (240, -100))
+
+
+class _OriginRecorder(torch.nn.Module):
+    """Records each window's first voxel value (the input encodes the flat voxel index); 2 logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2, 1))
+        self.origins: list[int] = []
+
+    def forward(self, x):
+        self.origins += [int(round(float(v))) for v in x[:, 0, 0, 0, 0]]
+        return self.w.view(1, 2, 1, 1, 1) * x
+
+
+@pytest.mark.parametrize("size, roi, n", [((20, 18, 58), 8, 2), ((16, 16, 16), 8, 1), ((24, 16, 40), 8, 2)])
+def test_attack_gradient_windows_are_the_coarse_test_windows(size, roi, n):
+    """SlidingWindowForwardN scans, for its output and for the ResDSN window-mean gradient, exactly the
+    windows SlidingWindowN (the coarse test) scans on the same case: ⌊W / W_I⌋ + n per axis (W ≥ W_I)."""
+    x = torch.arange(int(np.prod(size)), dtype=torch.float64).view(1, 1, *size)
+    y = torch.ones((1, 1, *size), dtype=torch.long)
+    test_net, attack_net, grad_net = _OriginRecorder().double(), _OriginRecorder().double(), _OriginRecorder().double()
+    SlidingWindowN(test_net, (roi,) * 3, n, sw_batch_size=1)(x)
+    SlidingWindowForwardN(attack_net, (roi,) * 3, n, sw_batch_size=1)(x)
+    forward = SlidingWindowForwardN(grad_net, (roi,) * 3, n, sw_batch_size=1, aggregation="window_mean")
+    forward.input_gradient(x, y, lambda logits, labels: logits.sum())
+    expected = int(np.prod([w // roi + n for w in size]))
+    assert len(set(test_net.origins)) == expected
+    assert set(attack_net.origins) == set(test_net.origins) == set(grad_net.origins)
+    # the old fixed grid: the overlap of a (16, 16, 16) reference volume scans another set on this case
+    fixed = _OriginRecorder().double()
+    SlidingWindowForward(fixed, (roi,) * 3, overlap_for_n((16, 16, 16), (roi,) * 3, n), sw_batch_size=1)(x)
+    assert (set(fixed.origins) == set(test_net.origins)) == (tuple(size) == (16, 16, 16))
+
+
+def test_466_slice_axis_gets_13_windows_not_19():
+    """The issue's case: W_I = 64, n = 6 along a 466-slice axis is ⌊466 / 64⌋ + 6 = 13 windows; the overlap
+    of a 256-slice reference grid scans 19 (MONAI's window placement, counted without running a network)."""
+    from common.sliding_window import window_slices
+
+    own = window_slices((466,), (64,), overlap_for_n((466,), (64,), 6))
+    ref = window_slices((466,), (64,), overlap_for_n((256,), (64,), 6))
+    assert (len(own), len(ref)) == (13, 19)
 
 
 @pytest.mark.parametrize("size, n", [((160, 160, 96), 1), ((160, 160, 96), 2), ((160, 160, 96), 12), ((88, 54, 57), 2)])

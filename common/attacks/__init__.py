@@ -21,7 +21,6 @@ from common.attacks.classic import (
     InvFGSM,
     KurakinIFGSM,
     constant_target,
-    eps_from_hu_window,
     eps_from_max_fraction,
     eps_from_pixel_scale,
     inverted_target,
@@ -54,5 +53,4 @@ __all__ = [
     "kurakin_steps",
     "eps_from_pixel_scale",
     "eps_from_max_fraction",
-    "eps_from_hu_window",
 ]

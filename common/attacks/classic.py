@@ -23,7 +23,6 @@ __all__ = [
     "kurakin_steps",
     "eps_from_pixel_scale",
     "eps_from_max_fraction",
-    "eps_from_hu_window",
 ]
 
 
@@ -195,21 +194,3 @@ def eps_from_pixel_scale(eps_pixels: float, input_range: Sequence[float] = (0.0,
 def eps_from_max_fraction(fraction: float, max_intensity: float = 1.0) -> float:
     """ε as a fraction of the maximum intensity (BraTS paper: 0.05 of inputs on [0, 1])."""
     return check_nonnegative(fraction, "fraction") * check_nonnegative(max_intensity, "max_intensity")
-
-
-def eps_from_hu_window(
-    fraction: float, std_hu: float | torch.Tensor, window: float = 340.0
-) -> float | torch.Tensor:
-    """ε as a fraction of the HU window Λ (ResDSN paper: ε = 0.03 Λ, Λ = 340 for [−100, 240]) in
-    z-normalised units: a perturbation of δ HU becomes δ / σ_case after ``(x − μ) / σ_case``.
-
-    ``std_hu`` is each case's normalisation standard deviation in HU (a number or a (B,) tensor).
-    """
-    eps_hu = check_nonnegative(fraction, "fraction") * check_nonnegative(window, "window")
-    if isinstance(std_hu, torch.Tensor):
-        if bool((std_hu <= 0).any()):
-            raise ValueError("std_hu: must be > 0")
-        return eps_hu / std_hu.float()
-    if not std_hu > 0:
-        raise ValueError(f"std_hu: must be > 0, got {std_hu}")
-    return eps_hu / float(std_hu)
