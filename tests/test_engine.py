@@ -170,3 +170,29 @@ def test_temporaries_of_a_killed_writer_are_removed_on_the_next_run(tmp_path):
     with pytest.warns(UserWarning, match="stale temporary"):
         cio.write_report_set(out, {"summary.json": json.dumps({"ok": 1})})
     assert [p.name for p in out.iterdir()] == ["summary.json"]
+
+
+def test_sigmoid_outputs_are_certified_per_channel():
+    class TwoChannels(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([40 * (x - 0.3), 40 * (x - 0.7)], dim=1)
+
+    batches = _batches(1, size=12)
+    b = batches[0]
+    b["label"] = torch.cat([b["image"] > 0.25, b["image"] > 0.75], dim=1).long()
+    kept = {}
+    observer = lambda k, ids, m, p, x, y, o: kept.update(pred=o["pred"]) if p.kind == "smoothing" else None  # noqa: E731
+    perts = [smoothed(0.05, 4, 64, 0.01, 0.75, batch_size=16)]
+    row = evaluate(TwoChannels(), batches, perts, Scoring(2, class_names=["A", "B"], output="sigmoid"),
+                   observer=observer).rows[0]
+    x, y, pred = b["image"][0, 0].numpy(), b["label"][0].numpy().astype(bool), kept["pred"][0].numpy()
+    abstained = []
+    for c, (name, t) in enumerate((("A", 0.3), ("B", 0.7))):
+        keep = pred[c] != -1
+        np.testing.assert_array_equal(pred[c][keep], (x > t)[keep])  # certified pixels carry the base class
+        assert not keep[np.abs(x - t) < 0.01].any() if (np.abs(x - t) < 0.01).any() else True
+        assert row[f"dice_{name}"] == pytest.approx(_dice((pred[c] == 1) & keep, y[c] & keep), abs=1e-12)
+        assert row[f"dice_strict_{name}"] == pytest.approx(_dice(pred[c] == 1, y[c]), abs=1e-12)
+        abstained.append(1 - keep.mean())
+    assert row["abstained_fraction"] == pytest.approx(np.mean(abstained), abs=1e-12)
+    assert 0 < row["abstained_fraction"] < 0.5

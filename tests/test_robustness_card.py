@@ -31,6 +31,7 @@ from common.card.parts import cert_part, part_generator
 from common.card.runner import run_card
 from common.certify import certify
 from common.checkpoint import save_weights
+from common.io import read_manifest
 from common.data.datalist import write_datalist
 from common.data.synthetic import write_phantom_dataset
 from common.sliding_window import SlidingWindowForward
@@ -226,6 +227,7 @@ def test_zoo_card_files_cost_and_examples(zoo):
     for name in CARD_FILES:
         assert (out / name).is_file(), name
     assert set(zoo["paths"]) >= {"json", "examples_npz", "md", "html"}
+    assert set(read_manifest(out)) >= set(CARD_FILES)  # the card's files match the manifest written last
     assert "<img" in (out / "card.html").read_text()
     assert "Robustness card: tiny_spleen 0.0.1" in (out / "card.md").read_text()
     cost = card["cost"]

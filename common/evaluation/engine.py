@@ -28,7 +28,8 @@ Row schema (:data:`ROW_KEYS`, then the metrics), one row per case × model × pe
                  of ``clean_repeats`` passes); ``cpu_seconds``: the same in this process's CPU time
 metrics          ``dice_<c>``, ``iou_<c>``, ``dice_mean``, ``iou_mean`` (and ``hd95_*``, ``nsd_*``) of
                  :func:`common.metrics.segmentation_scores`; attacks add ``psnr``, ``ssim``, ``rmse``;
-                 smoothing scores the certified map with abstained pixels ignored and adds
+                 smoothing scores the certified map with abstained pixels ignored (sigmoid outputs: each
+                 channel certified as a two-class problem) and adds
                  ``dice_strict_*`` / ``iou_strict_*`` (abstentions count as errors),
                  ``abstained_fraction`` and ``radius`` (:func:`common.certify.certified_metrics`).
 
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import statistics
 import sys
 import time
@@ -54,10 +54,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from common.certify import certified_metrics, certify
+from common.certify import ABSTAIN, certified_metrics, certify
 from common.distributed import gather_objects, is_main_process, num_local_batches, shard_batches
 from common.io import atomic_write_json, atomic_write_npz
-from common.metrics import case_id, perturbation_scores, segmentation_scores
+from common.metrics import case_id, overlap_scores, perturbation_scores, segmentation_scores
 from common.validation import check_image, check_label_map, check_positive_int, main_output
 
 __all__ = [
@@ -415,14 +415,19 @@ def _evaluate_batch(models, batch_index, batch, offset, perturbations, scoring, 
                 scores = {**scoring.scores(pred, y), **perturbation_scores(x_adv, x, scoring.data_range)}
                 outcome = {"x": x_adv, "pred": pred}
             else:
-                if sigmoid:
-                    raise ValueError("perturbations: randomized smoothing certifies class maps (softmax outputs)")
                 gen = pert.generator(ids, x.device) if pert.generator else torch.Generator(x.device).manual_seed(0)
                 forward = _checked_forward(model.forward, ids, f"smoothing at sigma={pert.sigma:g}")
-                cert, seconds, cpu = _timed(
-                    lambda: certify(forward, x, pert.sigma, denoiser=model.denoiser, generator=gen, **pert.certify), x)
-                scores = _certified_scores(cert, y, scoring)
-                outcome = {"x": x, "pred": cert.labels[:, None], "cert": cert}
+                if sigmoid:
+                    certs, seconds, cpu = _timed(lambda: _certify_channels(forward, x, pert, model.denoiser, gen), x)
+                    scores = _certified_channel_scores(certs, y, scoring)
+                    pred = torch.stack([c.labels for c in certs], dim=1)
+                    outcome = {"x": x, "pred": pred, "cert": certs}
+                else:
+                    cert, seconds, cpu = _timed(
+                        lambda: certify(forward, x, pert.sigma, denoiser=model.denoiser, generator=gen,
+                                        **pert.certify), x)
+                    scores = _certified_scores(cert, y, scoring)
+                    outcome = {"x": x, "pred": cert.labels[:, None], "cert": cert}
             blocks[(mname, pert.name, pert.eps, pert.sigma)] = _rows(ids, mname, pert, seconds, cpu, scores)
             if observer is not None:
                 artifacts.update(observer(batch_index, ids, mname, pert, x, y, outcome) or {})
@@ -442,6 +447,34 @@ def _certified_scores(cert, y: torch.Tensor, scoring: Scoring) -> dict[str, torc
         metric, _, cls = key.rpartition("_")
         out[f"{metric}_{names.get(cls, cls)}" if metric else key] = value.double()
     out["radius"] = torch.full((y.shape[0],), float(cert.radius), dtype=torch.float64)
+    return out
+
+
+def _certify_channels(forward: Callable, x: torch.Tensor, pert: Perturbation, denoiser, gen) -> list:
+    """Sigmoid multi-label outputs: each channel certified as its own two-class problem (logits (0, z_c),
+    class 1 where the sigmoid is > 0.5), one :func:`common.certify.certify` per channel."""
+    out = []
+    for c in range(int(main_output(forward(x[:1])).shape[1])):
+        def binary(z: torch.Tensor, c: int = c) -> torch.Tensor:
+            logit = forward(z)[:, c : c + 1]
+            return torch.cat([torch.zeros_like(logit), logit], dim=1)
+        out.append(certify(binary, x, pert.sigma, denoiser=denoiser, generator=gen, **pert.certify))
+    return out
+
+
+def _certified_channel_scores(certs: Sequence, y: torch.Tensor, scoring: Scoring) -> dict[str, torch.Tensor]:
+    """Per channel: Dice / IoU with that channel's abstained pixels ignored and strict (abstentions count
+    as errors), the abstained fraction over channels, the radius."""
+    names, out = scoring.names(), {}
+    for c, (cert, name) in enumerate(zip(certs, names)):
+        abstained = (cert.labels == ABSTAIN)[:, None]
+        pred, truth = (cert.labels == 1)[:, None], y[:, c : c + 1].bool()
+        out.update(overlap_scores(pred, truth, [name], ignore=abstained))
+        out.update({k.replace("_", "_strict_", 1): v for k, v in overlap_scores(pred, truth, [name]).items()})
+    for prefix in ("dice", "iou", "dice_strict", "iou_strict"):
+        out[f"{prefix}_mean"] = torch.stack([out[f"{prefix}_{n}"] for n in names], 1).mean(1)
+    out["abstained_fraction"] = torch.stack([c.abstained_fraction.double() for c in certs], 1).mean(1)
+    out["radius"] = torch.full((y.shape[0],), float(certs[0].radius), dtype=torch.float64)
     return out
 
 
@@ -518,8 +551,3 @@ def evaluate(
     artifacts = {key: value for _, _, a in results for key, value in a.items()}
     return Result(rows, artifacts, sum(r for _, r in parts))
 
-
-def finite_or_none(value: float) -> float | None:
-    """JSON has no inf / NaN: a non-finite value becomes ``None``."""
-    value = float(value)
-    return value if math.isfinite(value) else None
