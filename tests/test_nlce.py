@@ -202,3 +202,12 @@ def test_nlce_and_gradients_equal_the_materialised_reference():
         grads.append((out.detach(), grad))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_nlce_scripts_to_the_eager_output(spatial_dims):
+    torch.manual_seed(0)
+    block = NLCE(spatial_dims, 8, num_codes=4).eval()
+    x = torch.randn(2, 8, *([6] * spatial_dims), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(block)(x), block(x), rtol=1e-5, atol=1e-5)

@@ -177,3 +177,35 @@ def test_unet_with_nlce_class_matches_the_helper_and_checkpoint_unet():
     ckpt = add_nlce_to_unet(_unet(cls=CheckpointUNet), num_codes=4)
     assert sum(isinstance(m, NLCE) for m in ckpt.modules()) == 1
     assert ckpt(torch.randn(2, 1, 16, 16, requires_grad=True)).shape == (2, 2, 16, 16)
+
+
+@pytest.mark.parametrize("flags", [{}, {"use_nl": False}, {"use_ce": False}, {"use_nlce": False}])
+def test_torchscript_gives_eager_outputs_in_both_modes(flags):
+    """torch.jit.script compiles NLCEN (its input check is skipped when scripting): eval mode returns the
+    refined logits tensor, train mode the list [refined, P2..P5] that NLCENLoss takes, each equal to eager."""
+    torch.manual_seed(0)
+    net = NLCEN(**TINY, **flags)
+    scripted = torch.jit.script(net)
+    x = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = scripted.eval()(x)
+        assert isinstance(out, torch.Tensor)
+        torch.testing.assert_close(out, net.eval()(x), rtol=1e-5, atol=1e-5)
+        outs = scripted.train()(x)
+        expected = net.train()(x)
+    assert isinstance(outs, list) and len(outs) == len(expected) == 5
+    for got, want in zip(outs, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    loss = NLCENLoss(F.cross_entropy)
+    y = torch.randint(0, 2, (2, 64, 64), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(loss(outs, y), loss(expected, y))
+    with pytest.raises(ValueError, match="x: expected 1 channel"):
+        net.eval()(torch.zeros(1, 3, 64, 64))  # eager mode keeps its check
+
+
+def test_unet_with_nlce_scripts_to_the_eager_output():
+    torch.manual_seed(0)
+    net = UNetWithNLCE(spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2), num_codes=4)
+    x = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(net).eval()(x), net.eval()(x), rtol=1e-5, atol=1e-5)

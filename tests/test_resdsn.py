@@ -43,7 +43,7 @@ def test_without_deep_supervision_training_returns_main_only():
     net = _net(deep_supervision=False).train()
     out = net(torch.randn(2, 1, 16, 24, 8))
     assert isinstance(out, torch.Tensor) and out.shape == (2, 2, 16, 24, 8)
-    assert not hasattr(net, "aux1") and not hasattr(net, "aux2")
+    assert net.aux1 is None and net.aux2 is None and not any("aux" in k for k in net.state_dict())
 
 
 def _capture(net: ResDSN, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -120,3 +120,22 @@ def test_bad_inputs_raise_value_errors():
         ResDSNLoss(F.cross_entropy, xi=(0.2,))
     with pytest.raises(ValueError, match="^outputs"):
         ResDSNLoss(F.cross_entropy)([torch.zeros(1, 2, 8, 8, 8)] * 4, torch.zeros(1, 1, 8, 8, 8).long())
+
+
+@pytest.mark.parametrize("residual", RESIDUAL_MODES)
+@pytest.mark.parametrize("deep_supervision", [True, False])
+def test_torchscript_gives_eager_outputs_in_both_modes(residual, deep_supervision):
+    """torch.jit.script compiles every variant (the input check is skipped when scripting); eval mode gives
+    the main logits, train mode with deep supervision [main, aux1, aux2], each equal to eager."""
+    net = _net(residual, deep_supervision=deep_supervision)
+    scripted = torch.jit.script(net)
+    x = torch.randn(2, 1, 16, 16, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted.eval()(x), net.eval()(x), rtol=1e-5, atol=1e-5)
+        got, want = scripted.train()(x), net.train()(x)
+    if deep_supervision:
+        assert isinstance(got, list) and len(got) == len(want) == 3
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -178,3 +178,24 @@ def test_label_mapping_round_trip_and_rejects_others():
         brats_to_index(torch.tensor([0.0, float("nan")]))
     with pytest.raises(ValueError, match="label"):
         brats_to_index([0, 1])
+
+
+@pytest.mark.parametrize("spatial_dims, shape", [(3, (1, 4, 16, 16, 16)), (2, (2, 4, 16, 16))])
+def test_torchscript_gives_the_eager_logits(spatial_dims, shape):
+    """torch.jit.script compiles the network (decoder ModuleLists indexed through an interface, input check
+    skipped when scripting); its logits equal eager ones (eval mode: no dropout)."""
+    torch.manual_seed(0)
+    net = UNetBraTS(spatial_dims, base_filters=4, depth=3).eval()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(net)(x), net(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="x: spatial size"):
+        net(torch.zeros(*shape[:2], *([6] * spatial_dims)))  # eager mode keeps its check
+
+
+def test_slicewise_wrapper_scripts_to_the_eager_volume():
+    torch.manual_seed(0)
+    wrapper = SliceWise2D(UNetBraTS(2, base_filters=4, depth=3), slice_batch_size=3).eval()
+    x = torch.randn(1, 4, 16, 16, 5, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(wrapper)(x), wrapper(x), rtol=1e-5, atol=1e-5)

@@ -141,9 +141,11 @@ class ResDSN(nn.Module):
         self.deconv1 = _deconv(c1, c0)  # DeConv1a
         self.dec1 = _conv(c0, c0)  # Res/Conv1b
         self.head = Convolution(_SPATIAL_DIMS, c0, out_channels, kernel_size=1, conv_only=True)
-        if self.deep_supervision:
-            self.aux1 = _deconv(c1, out_channels, logits=True)
-            self.aux2 = nn.Sequential(_deconv(c2, c1), _deconv(c1, out_channels, logits=True))
+        # None without deep supervision: TorchScript then drops the auxiliary branch of ``forward``
+        self.aux1: nn.Module | None = _deconv(c1, out_channels, logits=True) if self.deep_supervision else None
+        self.aux2: nn.Module | None = (
+            nn.Sequential(_deconv(c2, c1), _deconv(c1, out_channels, logits=True)) if self.deep_supervision else None
+        )
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_image(x, "x", spatial_dims=(_SPATIAL_DIMS,))
@@ -171,8 +173,9 @@ class ResDSN(nn.Module):
         d2 = self.dec2(self._skip(self.deconv2(d3), e2))
         d1 = self.dec1(self._skip(self.deconv1(d2), e1))
         main = self.head(d1)
-        if self.training and self.deep_supervision:
-            return [main, self.aux1(e2), self.aux2(e3)]
+        if self.aux1 is not None and self.aux2 is not None:
+            if self.training:
+                return [main, self.aux1(e2), self.aux2(e3)]
         return main
 
 
