@@ -163,6 +163,10 @@ def _check_arguments(main: Callable, args: Sequence[str]) -> None:
     """Refuse, before ``main`` runs, a ``--flag`` that is not one of its parameters and more positional
     values than it has parameters (fire would run ``main`` first and complain afterwards)."""
     import inspect
+    import re
+
+    def is_flag(token: str) -> bool:  # fire's rule: "--name", "-n", "-name"; "-0.5" is a value
+        return token.startswith("--") and len(token) > 2 or re.match(r"-[a-zA-Z]", token) is not None
 
     try:
         params = inspect.signature(main).parameters
@@ -177,14 +181,17 @@ def _check_arguments(main: Callable, args: Sequence[str]) -> None:
         token = args[i]
         if token == "--":
             break
-        if token.startswith("--") and len(token) > 2:
-            name = token[2:].split("=", 1)[0].replace("-", "_")
+        if is_flag(token):
+            name = token.lstrip("-").split("=", 1)[0].replace("-", "_")
             if name in ("help", "h", "helpfull", "interactive", "completion", "separator", "trace", "verbose"):
                 return  # fire's own flags
+            shortcut = [n for n in params if len(name) == 1 and n[0] == name]
+            if len(shortcut) == 1:  # fire's one-letter shortcut
+                name = shortcut[0]
             if name not in params and not (name.startswith("no") and name[2:] in params):
-                raise _UsageError(f"unknown argument --{name}")
+                raise _UsageError(f"unknown argument {token.split('=', 1)[0]}")
             given.add(name)
-            if "=" not in token and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            if "=" not in token and i + 1 < len(args) and not is_flag(args[i + 1]):
                 i += 1
         else:
             positional.append(token)

@@ -115,3 +115,15 @@ def test_real_command_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.splitlines() == ["error: eps: 100 is out of range, expected values in (0, 1]"]
     assert not (tmp_path / "o").exists()
+
+
+def test_fire_shortcuts_negative_values_and_bool_flags_still_work(tmp_path):
+    seen = {}
+
+    def main(alpha: float = 0.1, num_cases: int = 1, lesion: bool = False, offset: float = 0.0):
+        seen.update(alpha=alpha, num_cases=num_cases, lesion=lesion, offset=offset)
+
+    cli.run(main, ["-a", "0.5", "--num-cases=3", "--lesion", "--offset", "-0.25"])
+    assert seen == {"alpha": 0.5, "num_cases": 3, "lesion": True, "offset": -0.25}
+    cli.run(main, ["0.2", "4", "--nolesion"])
+    assert seen == {"alpha": 0.2, "num_cases": 4, "lesion": False, "offset": 0.0}
