@@ -15,6 +15,7 @@ and an interactive session, keeps Python's usual traceback.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 __all__ = ["InputError", "MissingInputError", "one_line", "find_input_error", "install_excepthook"]
@@ -39,9 +40,20 @@ def _chain(err: BaseException) -> list[BaseException]:
     return out
 
 
+_RERAISED = re.compile(r"^common\.errors\.(?:Missing)?InputError: (.+)$", re.MULTILINE)
+
+
 def find_input_error(err: BaseException) -> InputError | None:
-    """The outermost :class:`InputError` in the chain of ``err``, if any."""
-    return next((e for e in _chain(err) if isinstance(e, InputError)), None)
+    """The outermost :class:`InputError` in the chain of ``err``, if any — also one that a DataLoader
+    worker process raised, which torch re-raises as text inside another error's message."""
+    found = next((e for e in _chain(err) if isinstance(e, InputError)), None)
+    if found is not None:
+        return found
+    for e in _chain(err):
+        match = _RERAISED.findall(str(e))
+        if match:
+            return InputError(match[-1].strip())
+    return None
 
 
 def one_line(err: BaseException, limit: int = 600) -> str:
@@ -51,7 +63,7 @@ def one_line(err: BaseException, limit: int = 600) -> str:
     if chosen is None:
         chosen = next((e for e in _chain(err) if str(e).strip()), err)
     text = " ".join(str(chosen).split()) or type(chosen).__name__
-    if chosen is not None and not isinstance(chosen, (ValueError, OSError)):
+    if not isinstance(chosen, (ValueError, OSError)):
         text = f"{type(chosen).__name__}: {text}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

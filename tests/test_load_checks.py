@@ -233,3 +233,20 @@ def test_card_checks_any_bundles_label_grid(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((12, 12, 12), np.uint8), np.eye(4)), label)
     out = preprocessing({"image": str(image), "label": str(label)})
     assert tuple(out["label"].shape) == (1, 12, 12, 12)
+
+
+def test_error_from_a_dataloader_worker_is_found(tmp_path):
+    """torch re-raises a worker's error as text inside another exception; the one line still names the file."""
+    from monai.data import DataLoader, Dataset
+
+    files = _write(tmp_path, "unet_advaug")
+    _corrupt(files["image"], "empty")
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "unet_advaug" / "configs" / "inference.json"))
+    parser["bundle_root"] = str(BUNDLES / "unet_advaug")
+    loader = DataLoader(Dataset([{"image": str(files["image"])}], parser.get_parsed_content("preprocessing")),
+                        num_workers=1)
+    with pytest.raises(Exception) as info:
+        next(iter(loader))
+    assert not isinstance(info.value, InputError)  # only text survives the process boundary
+    assert one_line(info.value) == f"{files['image']}: the file is empty (0 bytes), not an image"
