@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +32,9 @@ def check_weights_only(path: str | os.PathLike, name: str = "bundle") -> None:
     try:
         torch.load(Path(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 — a refused global and a corrupt file are the same bad input
-        reason = " ".join(str(err).split())[:200]
+        text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split())  # torch's message has ANSI bold
+        found = re.search(r"Unsupported global: GLOBAL \S+?(?=\s|$)|Unsupported operand \S+", text)
+        reason = found.group(0).rstrip(".") if found else text[:200]
         raise InputError(
             f"{name}: {path} is not a weights-only checkpoint, refused to load it "
             f"(torch.load weights_only=True: {type(err).__name__}: {reason})"
