@@ -445,3 +445,29 @@ def test_masking_diagnostics_pass_on_a_plain_unet_and_flag_saturated_logits(trai
     import json
 
     json.dumps(plain), json.dumps(saturated)  # plain JSON-able dicts
+
+
+def test_bundle_configs_select_the_worst_case_by_name():
+    from monai.bundle import ConfigParser
+
+    config = {
+        "imports": ["$import common.attacks", "$import torch"],
+        "model": "$torch.nn.Conv2d(1, 2, 1)",
+        "attack": {
+            "attack_names": None,
+            "worst_case": {"_target_": "common.attacks.WorstCase", "_mode_": "callable", "forward": "@model", "clip": [0, 1]},
+            "attacks": {"fgsm": {"_target_": "common.attacks.FGSM", "_mode_": "callable", "forward": "@model", "clip": [0, 1]}},
+            "selected": "$common.attacks.select_attacks(@attack#attacks, @attack#attack_names, worst_case=@attack#worst_case)",
+        },
+    }
+    for names, expected in ((None, ["fgsm"]), (["worst_case", "fgsm"], ["worst_case", "fgsm"])):
+        parser = ConfigParser(config)
+        parser["attack"]["attack_names"] = names
+        parser.get_parsed_content("imports")
+        selected = parser.get_parsed_content("attack#selected")
+        assert list(selected) == expected
+    assert isinstance(selected["worst_case"](eps=0.1), WorstCase)
+    with pytest.raises(ValueError, match="^attack_names: unknown"):
+        from common.attacks import select_attacks
+
+        select_attacks({"fgsm": None}, ["apgd"])

@@ -27,7 +27,7 @@ from common.attacks.classic import (
     kurakin_steps,
 )
 from common.attacks.segmentation import CosPGD, SegPGD, cospgd_weight, segpgd_lambda
-from common.attacks.worst_case import ATTACKS, DEFAULT_ENSEMBLE, WorstCase, case_dice, worst_case_attack
+from common.attacks.worst_case import ATTACKS, DEFAULT_ENSEMBLE, WorstCase, case_dice, select_attacks, worst_case_attack
 
 __all__ = [
     "Attack",
@@ -43,6 +43,7 @@ __all__ = [
     "WorstCase",
     "worst_case_attack",
     "case_dice",
+    "select_attacks",
     "ATTACKS",
     "DEFAULT_ENSEMBLE",
     "apgd_checkpoints",

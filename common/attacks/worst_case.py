@@ -29,7 +29,7 @@ from common.attacks.segmentation import CosPGD, SegPGD
 from common.losses import unpack_bits
 from common.validation import main_output
 
-__all__ = ["WorstCase", "worst_case_attack", "case_dice", "DEFAULT_ENSEMBLE", "ATTACKS"]
+__all__ = ["WorstCase", "worst_case_attack", "case_dice", "select_attacks", "DEFAULT_ENSEMBLE", "ATTACKS"]
 
 #: every attack class by name (bundle configs and the robustness card select attacks by these names)
 ATTACKS: dict[str, type] = {
@@ -237,3 +237,23 @@ def worst_case_attack(
     attack = WorstCase(forward, eps, clip=clip, attacks=attacks, **kwargs)
     x_adv, records = attack.run(x, y)
     return (x_adv, records) if return_records else x_adv
+
+
+def select_attacks(
+    attacks: Mapping[str, Callable], names: Sequence[str] | None = None, **extra: Callable
+) -> dict[str, Callable]:
+    """The attacks of a bundle config chosen by name: ``names`` from ``attacks`` and ``extra`` (e.g.
+    ``worst_case=<WorstCase factory>``), in the order given; ``None`` keeps ``attacks`` as they are.
+
+    Bundle configs call it as ``common.attacks.select_attacks(@attack#attacks, @attack#attack_names,
+    worst_case=@attack#worst_case)``, so ``--attack#attack_names "['fgsm', 'worst_case']"`` adds the
+    worst case to a run."""
+    if names is None:
+        return dict(attacks)
+    if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+        raise ValueError(f"attack_names: expected a non-empty list of attack names or null, got {names!r}")
+    catalogue = {**attacks, **extra}
+    unknown = [n for n in names if n not in catalogue]
+    if unknown:
+        raise ValueError(f"attack_names: unknown {unknown}; this config defines {sorted(catalogue)}")
+    return {n: catalogue[n] for n in names}
