@@ -181,7 +181,7 @@ class MetricHistory:
     trainer's epoch) and one column per metric in ``metric_names`` (default: all). Table 1 of Pervin et
     al., arXiv:2105.12106 (IoU over epochs) is assembled from these files by
     :func:`common.reporting.advaug_tables.iou_over_epochs_table`. A new training run starting at epoch 1
-    starts a new file. It only writes, so :func:`common.distributed.rank0_handlers` keeps it on rank 0
+    starts a new file; a resumed one (first epoch > 1) keeps the file's earlier epochs. It only writes, so :func:`common.distributed.rank0_handlers` keeps it on rank 0
     alone (``main_process_only``).
     """
 
@@ -197,6 +197,18 @@ class MetricHistory:
 
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
+    def _earlier_rows(self, names: Sequence[str], epoch: int) -> list[dict[str, Any]]:
+        """Rows before ``epoch`` in the existing file with the same columns (none if it is unreadable)."""
+        try:
+            with open(self.path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                if reader.fieldnames != ["epoch", *names]:
+                    return []
+                rows = [{"epoch": int(r["epoch"]), **{n: float(r[n]) for n in names}} for r in reader]
+        except (OSError, ValueError, TypeError, KeyError):
+            return []
+        return [r for r in rows if r["epoch"] < epoch]
+
     def __call__(self, engine) -> None:
         metrics = engine.state.metrics
         names = self.metric_names if self.metric_names is not None else sorted(metrics)
@@ -204,6 +216,8 @@ class MetricHistory:
         if missing:
             raise ValueError(f"metric_names: {missing} not among the evaluator's metrics {sorted(metrics)}")
         epoch = int(engine.state.epoch)
+        if not self.rows and epoch > 1:  # resumed: the rows of the interrupted run's epochs
+            self.rows = self._earlier_rows(names, epoch)
         self.rows = [r for r in self.rows if r["epoch"] < epoch]
         self.rows.append({"epoch": epoch, **{n: float(metrics[n]) for n in names}})
         buf = io.StringIO()

@@ -155,7 +155,9 @@ def test_bundle_run_resume_keeps_the_better_model(tmp_path):
     invert = [{"_target_": "Lambdad", "keys": "label", "func": "$lambda y: 1 - y"}]
     run(max_epochs=3, resume=True, **{**common, "learning_rate": 0.05, "train#random_transforms": invert})
     history = (tmp_path / "eval" / "iou_history.csv").read_text().splitlines()
-    assert history[-1].startswith("3,") and float(history[-1].split(",")[1]) < first["best_metric"]
+    assert [row.split(",")[0] for row in history] == ["epoch", "1", "2", "3"]  # the resume kept epochs 1-2
+    assert float(history[2].split(",")[1]) == pytest.approx(first["best_metric"])
+    assert float(history[-1].split(",")[1]) < first["best_metric"]
     assert sorted(p.name for p in models.glob("checkpoint_*")) == ["checkpoint_checkpoint_epoch=3.pt"]
     assert torch.load(models / "checkpoint_checkpoint_epoch=3.pt", weights_only=True)["validator"] == first
     assert hashlib.sha256((models / "model.pt").read_bytes()).hexdigest() == digest
