@@ -26,12 +26,11 @@ from common.evaluation.engine import (
     smoothed,
 )
 from common.evaluation.sweep import KEY_COLUMNS, RobustnessSweep, evaluate_cases, summarise, write_reports
-from common.reporting.paper_tables import sweep_table as summary_markdown
 from common.stats import compare_with_clean, paired_wilcoxon
 
 __all__ = [
     "ROW_KEYS", "KEY_COLUMNS", "CaseCache", "Model", "Perturbation", "Result", "Scoring", "attacked",
     "build_attack", "clean", "evaluate", "predict_labels", "progress_bar", "settings_hash", "smoothed",
-    "RobustnessSweep", "evaluate_cases", "summarise", "write_reports", "summary_markdown",
+    "RobustnessSweep", "evaluate_cases", "summarise", "write_reports",
     "compare_with_clean", "paired_wilcoxon",
 ]

@@ -399,7 +399,6 @@ def _evaluate_batch(models, batch_index, batch, offset, perturbations, scoring, 
             return pred if model.postprocess is None else _plain(model.postprocess(pred)).long()
 
         for pert in perturbations:
-            extra: dict[str, Any] = {}
             if pert.kind == "clean":
                 runs = [_timed(lambda: predict(x, "clean input"), x) for _ in range(clean_repeats)]
                 pred = runs[0][0]
