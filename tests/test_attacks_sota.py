@@ -451,7 +451,7 @@ def test_bundle_configs_select_the_worst_case_by_name():
     from monai.bundle import ConfigParser
 
     config = {
-        "imports": ["$import common.attacks", "$import torch"],
+        "imports": ["$import common", "$import common.attacks", "$import torch"],
         "model": "$torch.nn.Conv2d(1, 2, 1)",
         "attack": {
             "attack_names": None,
