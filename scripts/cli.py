@@ -280,6 +280,11 @@ def run(main: Callable, argv: Sequence[str] | None = None, *, parses_argv: bool 
     args = [a for a in args if a != "--debug"]
     try:
         if parses_argv:
+            for i, token in enumerate(args):  # the same device check as for fire's functions
+                if token.startswith("--device="):
+                    check_device(token.split("=", 1)[1])
+                elif token == "--device" and i + 1 < len(args):
+                    check_device(args[i + 1])
             with _argparse_errors_as_exception(), _fire_usage_as_exception():
                 return main(args)
         with _fire_usage_as_exception():

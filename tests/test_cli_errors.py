@@ -90,6 +90,9 @@ def test_argparse_main_one_line(capsys):
 
     code, err = _run(capsys, monai_label_infer.main, ["--image", "x.nii.gz"], parses_argv=True)
     assert code == 2 and len(err) == 1 and err[0].startswith("error: the following arguments are required")
+    code, err = _run(capsys, monai_label_infer.main, ["--bundle_dir", "b", "--image", "x", "--output", "o",
+                                                      "--device", "tpu"], parses_argv=True)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: device: not a device, 'tpu'")
 
 
 def test_every_script_main_block_uses_the_convention():
