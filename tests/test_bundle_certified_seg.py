@@ -47,10 +47,11 @@ def test_train_and_denoiser_checkpoints(chest):
     assert len(data["test"]) == 2
     lab = np.asanyarray(nib.load(demo / "data" / "chest" / data["training"][0]["label"]).dataobj)
     assert lab.shape == (32, 32) and set(np.unique(lab)) == {0, 1, 2, 3, 4}  # lungs, heart, clavicles
+    assert data["target"] == "classes"  # the certification overlap rule (clavicles > heart > lungs)
     models = demo / "models" / "chest"
     net = load_weights(_parser(["train.json", "demo.json"], {}).get_parsed_content("network_def"),
                        models / "base" / "model.pt")  # the demo UNet given by network_def
-    assert net(torch.zeros(1, 1, 32, 32)).shape == (1, 5, 32, 32)
+    assert net(torch.zeros(1, 1, 32, 32)).shape == (1, 4, 32, 32)  # background, lung, heart, clavicles
     for name in ("diffusion.pt", "unet_sigma0.25.pt"):
         ckpt = torch.load(models / "denoiser" / name, map_location="cpu", weights_only=True)
         assert ckpt["losses"].numel() >= 1 and torch.isfinite(ckpt["losses"]).all()
@@ -59,11 +60,11 @@ def test_train_and_denoiser_checkpoints(chest):
 
 
 def test_certify_any_network_certified_and_abstained(chest, tmp_path, monkeypatch):
-    """A 1x1 conv with logits (0, 0, 10 + x, 0, 0): at σ = 0.25 every pixel is class 2 with P ≈ 1
+    """A 1x1 conv with logits (0, 0, 10 + x, 0): at σ = 0.25 every pixel is class 2 (heart) with P ≈ 1
     (certified); at σ = 1e4 P(class 2) = P(x + δ > -10) ≈ 0.5 < τ, so every pixel abstains."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     demo, tiny = chest
-    net = torch.nn.Conv2d(1, 5, 1)
+    net = torch.nn.Conv2d(1, 4, 1)
     with torch.no_grad():
         net.weight.zero_()
         net.bias.zero_()
@@ -74,7 +75,7 @@ def test_certify_any_network_certified_and_abstained(chest, tmp_path, monkeypatc
     torch.save({"model": net.state_dict()}, ckpt / "model.pt")
     out = tmp_path / "eval"
     run_bundle(NAME, ["train.json", "certify.json", "demo.json"], {
-        **tiny, "network_def": "$torch.nn.Conv2d(1, 5, 1)", "ckpt_dir": str(ckpt), "output_dir": str(out),
+        **tiny, "network_def": "$torch.nn.Conv2d(1, 4, 1)", "ckpt_dir": str(ckpt), "output_dir": str(out),
         "sigmas": [0.25, 10000.0],
     })
     cert = out / "certify"
@@ -94,12 +95,13 @@ def test_certify_any_network_certified_and_abstained(chest, tmp_path, monkeypatc
             assert bool((lab == 2).all()) and float(row["abstained_pct"]) == 0.0
             entry = next(e for e in data["test"] if row["case"] in e["image"])
             truth = np.asanyarray(nib.load(demo / "data" / "chest" / entry["label"]).dataobj)
-            g2 = int((truth == 2).sum())
-            assert float(row["dice_right_lung"]) == pytest.approx(2 * g2 / (g2 + truth.size), rel=1e-5)
-            assert float(row["dice_strict_heart"]) == 0.0
+            g2 = int((truth == 3).sum())  # file code 3 (heart) is the paper's class 2
+            assert float(row["dice_heart"]) == pytest.approx(2 * g2 / (g2 + truth.size), rel=1e-5)
+            assert float(row["dice_strict_lung"]) == 0.0
         else:
             assert bool((lab == ABSTAIN).all()) and float(row["abstained_pct"]) == 100.0
-            assert float(row["dice_strict_right_lung"]) == 0.0 and row["dice_right_lung"] == "nan"
+            # every pixel abstained: nothing left to score, empty in both -> 1.0 (common.metrics.EMPTY_CLASS_RULE)
+            assert float(row["dice_strict_lung"]) == 0.0 and float(row["dice_lung"]) == 1.0
     summary = json.loads((cert / "summary.json").read_text())
     assert [(e["method"], e["sigma"]) for e in summary["entries"]] == [
         ("smoothing_base", 0.0), ("smoothing_base", 0.25), ("smoothing_base", 10000.0)]
@@ -123,7 +125,7 @@ def test_certify_denoised(chest, monkeypatch):
     labels = torch.load(cert / "certified_labels.pt", weights_only=True)
     assert len(labels) == 4
     for lab in labels.values():
-        assert lab.shape == (32, 32) and int(lab.min()) >= ABSTAIN and int(lab.max()) <= 4
+        assert lab.shape == (32, 32) and int(lab.min()) >= ABSTAIN and int(lab.max()) <= 3
     for row in rows:
         frac = float(row["abstained_pct"]) / 100
         key = f"{row['method']}/sigma=0.25/{row['case']}"
