@@ -100,3 +100,18 @@ def test_cross_entropy_and_dicece_values():
         resolve_loss("l2")
     with pytest.raises(ValueError, match="^target"):
         SoftDiceLoss()(torch.randn(1, 3, 4, 4), torch.rand(1, 2, 4, 4))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_resolved_dice_and_dicece_equal_monai(channels):
+    """The attack losses' Dice / Dice+CE equal MONAI's DiceLoss (paper normalisation) and DiceCELoss."""
+    from monai.losses import DiceCELoss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, channels, 6, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, max(channels, 2), (2, 1, 6, 5), generator=g)
+    assert resolve_loss("dice")(logits, y).item() == pytest.approx(SoftDiceLoss()(logits, y).item(), rel=1e-10)
+    monai = (DiceCELoss(sigmoid=True) if channels == 1 else DiceCELoss(include_background=False, to_onehot_y=True, softmax=True))
+    target = y.double() if channels == 1 else y
+    assert resolve_loss("dicece")(logits, y).item() == pytest.approx(monai(logits, target).item(), rel=1e-10)
+    assert resolve_loss("ce")(logits, y).item() == pytest.approx(cross_entropy(logits, y).item(), rel=1e-10)
