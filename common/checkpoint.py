@@ -24,23 +24,27 @@ def load_weights(network: nn.Module, path: str | os.PathLike, key: str = "model"
     in eval mode.
 
     Raises ``FileNotFoundError`` naming the file, ``ValueError`` for a file that is not a (safe) PyTorch
-    checkpoint or whose tensors do not fit the network (missing, unexpected or mis-shaped keys).
+    checkpoint or whose tensors do not fit the network (missing, unexpected or mis-shaped keys) — both
+    :class:`common.errors.InputError`, so a bundle run reports them on one line.
     """
+    from common.errors import InputError, MissingInputError
+
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint: no such file {path}")
+        raise MissingInputError(f"checkpoint: no such file {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, truncated zip archives, disallowed globals
-        raise ValueError(f"checkpoint {path}: cannot be read as a PyTorch checkpoint ({type(err).__name__}: {err})") from err
+        msg = " ".join(str(err).split())[:300]
+        raise InputError(f"checkpoint {path}: cannot be read as a PyTorch checkpoint ({type(err).__name__}: {msg})") from err
     state = obj.get(key, obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"checkpoint {path}: expected a state dict or a dict with key '{key}'")
+        raise InputError(f"checkpoint {path}: expected a state dict or a dict with key '{key}'")
     try:
         network.load_state_dict(state, strict=strict)
     except RuntimeError as err:
         first = str(err).splitlines()[0] + " " + " ".join(str(err).split()[-40:])
-        raise ValueError(f"checkpoint {path}: does not fit {type(network).__name__}: {first[:600]}") from err
+        raise InputError(f"checkpoint {path}: does not fit {type(network).__name__}: {first[:600]}") from err
     return network.eval()
 
 

@@ -89,3 +89,35 @@ def test_bad_arguments_name_themselves(tmp_path):
 
     with pytest.raises(ValueError, match="key metric"):
         WeightsSaver(nn.Conv2d(1, 1, 1), tmp_path)(_NoMetric())
+
+
+class _Payload:
+    """Unpickling this runs code (creates a file): what ``weights_only=True`` must refuse."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_bad_checkpoints_are_input_errors_naming_the_file(tmp_path):
+    from common.errors import InputError, MissingInputError
+
+    net = nn.Conv2d(1, 1, 1, bias=False)
+    with pytest.raises(MissingInputError, match=str(tmp_path / "absent.pt")):
+        load_weights(net, tmp_path / "absent.pt")
+    good = tmp_path / "good.pt"
+    WeightsSaver(net, tmp_path, filename="good.pt", when="final")(None)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:40])
+    with pytest.raises(InputError, match=f"checkpoint {truncated}: cannot be read"):
+        load_weights(net, truncated)
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": _Payload(marker)}, evil)
+    with pytest.raises(InputError, match=f"checkpoint {evil}: cannot be read") as info:
+        load_weights(net, evil)
+    assert not marker.exists() and "\n" not in str(info.value)
+    with pytest.raises(InputError, match=f"checkpoint {good}: does not fit Conv2d"):
+        load_weights(nn.Conv2d(1, 2, 1, bias=False), good)

@@ -250,3 +250,15 @@ def test_error_from_a_dataloader_worker_is_found(tmp_path):
         next(iter(loader))
     assert not isinstance(info.value, InputError)  # only text survives the process boundary
     assert one_line(info.value) == f"{files['image']}: the file is empty (0 bytes), not an image"
+
+
+def test_cross_validation_training_part_empty_refused(tmp_path):
+    """The pancreas bundle trains on every fold but the held-out one: a one-fold datalist has none."""
+    from common.data.pancreas import load_fold
+
+    files = _write(tmp_path, "resdsn_c2f_pancreas")
+    entry = json.loads(Path(files["datalist"]).read_text())["training"][0]
+    datalist = write_datalist(tmp_path / "folds.json", {"fold0": [entry]})
+    with pytest.raises(InputError, match=f"datalist {datalist}: section 'training' of fold 0 is empty"):
+        load_fold(datalist, "training", 0)
+    assert len(load_fold(datalist, "validation", 0)) == 1

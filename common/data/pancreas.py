@@ -233,4 +233,9 @@ def load_fold(datalist: str | os.PathLike, section: str, fold: int | None = None
         raise ValueError(f"fold: {fold!r} not among the datalist's folds {names}")
     if section != "training":
         return load_datalist(datalist, f"fold{fold}")
-    return [e for name in names if name != f"fold{fold}" for e in load_datalist(datalist, name)]
+    entries = [e for name in names if name != f"fold{fold}" for e in load_datalist(datalist, name)]
+    if not entries:  # a one-fold datalist has nothing to train on outside the held-out fold
+        from common.errors import InputError
+
+        raise InputError(f"datalist {datalist}: section 'training' of fold {fold} is empty (folds {names})")
+    return entries
