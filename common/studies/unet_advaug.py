@@ -26,8 +26,8 @@ METHOD_SETS = {"FGSM": ("fgsm",), "InvFGSM": ("invfgsm",), "FGSM + InvFGSM": ("f
 
 
 def _settings(quick: bool) -> dict[str, Any]:
-    return {"volume": [80, 80, 80], "crop": 32, "train_volumes": 16 if quick else 32, "test_volumes": 8 if quick else 16,
-            "epochs": 30 if quick else 40, "lr": 1e-3, "batch": 16, "aug_eps": 0.1,
+    return {"volume": [80, 80, 80], "crop": 32, "train_volumes": 24 if quick else 40, "test_volumes": 8 if quick else 16,
+            "epochs": 50 if quick else 60, "lr": 1e-3, "batch": 16, "aug_eps": 0.1,
             "eval_eps": [0.01, 0.02, 0.05, 0.1, 0.2], "worst_eps": [8 / 255] if quick else [4 / 255, 8 / 255]}
 
 
