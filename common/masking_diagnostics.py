@@ -22,7 +22,6 @@ is :class:`common.attacks.APGD` (cross-entropy, 20 steps, lowest-Dice iterate pe
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 

@@ -16,7 +16,6 @@ from common.attacks import (
     InvFGSM,
     KurakinIFGSM,
     constant_target,
-    eps_from_max_fraction,
     eps_from_pixel_scale,
     inverted_target,
     kurakin_steps,
@@ -240,8 +239,6 @@ def test_unit_helpers():
     assert eps_from_pixel_scale(2, (0.0, 1.0)) == pytest.approx(2 / 255)
     assert eps_from_pixel_scale(2, (-1.0, 1.0)) == pytest.approx(4 / 255)
     assert eps_from_pixel_scale(2, (0.0, 255.0)) == pytest.approx(2.0)
-    assert eps_from_max_fraction(0.05) == pytest.approx(0.05)
-    assert eps_from_max_fraction(0.05, 4.0) == pytest.approx(0.2)
 
 
 def test_target_fn_maps_true_labels_to_targets():

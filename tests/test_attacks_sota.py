@@ -4,7 +4,6 @@ image, direct float64 formulas, brute-force minima) and on a briefly trained tin
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

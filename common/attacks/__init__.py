@@ -21,7 +21,6 @@ from common.attacks.classic import (
     InvFGSM,
     KurakinIFGSM,
     constant_target,
-    eps_from_max_fraction,
     eps_from_pixel_scale,
     inverted_target,
     kurakin_steps,
@@ -53,5 +52,4 @@ __all__ = [
     "constant_target",
     "kurakin_steps",
     "eps_from_pixel_scale",
-    "eps_from_max_fraction",
 ]

@@ -22,7 +22,6 @@ __all__ = [
     "constant_target",
     "kurakin_steps",
     "eps_from_pixel_scale",
-    "eps_from_max_fraction",
 ]
 
 
@@ -189,8 +188,3 @@ def eps_from_pixel_scale(eps_pixels: float, input_range: Sequence[float] = (0.0,
     """ε given on the 0–255 pixel scale (NLCEN) in the units of inputs spanning ``input_range``."""
     low, high = check_clip(input_range, "input_range")
     return check_nonnegative(eps_pixels, "eps_pixels") * (high - low) / 255.0
-
-
-def eps_from_max_fraction(fraction: float, max_intensity: float = 1.0) -> float:
-    """ε as a fraction of the maximum intensity (BraTS paper: 0.05 of inputs on [0, 1])."""
-    return check_nonnegative(fraction, "fraction") * check_nonnegative(max_intensity, "max_intensity")

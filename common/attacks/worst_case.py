@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from common.attacks.apgd import APGD
-from common.attacks.base import Attack, Number, PixelwiseAttack, _per_sample
+from common.attacks.base import Attack, Number, PixelwiseAttack
 from common.attacks.classic import FGSM, IFGSM, PGD, InvFGSM, KurakinIFGSM
 from common.attacks.segmentation import CosPGD, SegPGD
 from common.losses import unpack_bits
@@ -219,6 +219,9 @@ class WorstCase(Attack):
     def __repr__(self) -> str:
         names = ", ".join(label for label, _ in self.members)
         return f"WorstCase(eps={self.eps}, clip={self.clip}, attacks=[{names}], classes={self.classes})"
+
+
+ATTACKS["WorstCase"] = WorstCase
 
 
 def worst_case_attack(
