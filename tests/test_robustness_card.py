@@ -333,7 +333,7 @@ PROJECT = {
                             ["models/coarse/model.pt", "models/fine/model.pt"]),
     "unet_advaug": ("chest", (32, 32), {2: 1, 3: 0, 4: 0}, True,
                     {"network_def#features": [4, 4, 8, 8, 16, 4]}, ["models/baseline/model.pt"]),
-    "certified_seg": ("chest", (32, 32), None, False,
+    "certified_seg": ("chest", (32, 32), {2: 1, 3: 2, 4: 3}, False,  # the bundle's label_map: the paper's classes
                       {"image_size": [32, 32], "network_def#channels": [8, 16, 32], "network_def#strides": [2, 2],
                        "network_def#num_res_units": 1}, ["models/chest/base/model.pt"]),
 }
