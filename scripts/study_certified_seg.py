@@ -56,7 +56,7 @@ def main(
     data = out / "data"
     if not (data / "datalist.json").exists():
         write_phantom_dataset("chest", data, num_cases=num_cases, size=(size, size), seed=seed,
-                              fractions=tuple(fractions))
+                              fractions=tuple(fractions), target="classes")  # the certification overlap rule
     common = {
         "dataset_dir": str(data),
         "models_dir": str(out / "models"),
