@@ -470,3 +470,21 @@ def test_bundle_configs_select_the_worst_case_by_name():
         from common.attacks import select_attacks
 
         select_attacks({"fgsm": None}, ["apgd"])
+
+
+@pytest.mark.parametrize("aggregation", ["exact", "window_mean"])
+def test_new_attacks_through_per_case_normalisation_and_windows(aggregation):
+    """The ResDSN pipeline shape: window-scaled CT → per-case z-normalisation → sliding windows."""
+    from common.networks.normalise import PerCaseZNorm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.Tanh(), nn.Conv3d(4, 2, 1)).eval()
+    forward = PerCaseZNorm(SlidingWindowForward(net, roi_size=6, overlap=0.5, sw_batch_size=4, aggregation=aggregation))
+    x = torch.rand(1, 1, 10, 10, 10)
+    y = (torch.rand(1, 1, 10, 10, 10) > 0.7).long()
+    for attack in (APGD(forward, 0.05, steps=3, loss="js", clip=(0, 1)), SegPGD(forward, 0.05, steps=2, clip=(0, 1)),
+                   WorstCase(forward, 0.05, clip=(0, 1), attacks=[("CosPGD", {"steps": 2}), ("APGD", {"steps": 2})])):
+        x_adv = attack(x, y)
+        assert (x_adv - x).abs().max() <= 0.05 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+        with torch.no_grad():
+            assert case_dice(forward(x_adv), y) <= case_dice(forward(x), y), type(attack).__name__
