@@ -488,3 +488,16 @@ def test_new_attacks_through_per_case_normalisation_and_windows(aggregation):
         assert (x_adv - x).abs().max() <= 0.05 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
         with torch.no_grad():
             assert case_dice(forward(x_adv), y) <= case_dice(forward(x), y), type(attack).__name__
+
+
+def test_output_read_from_the_bundles_postprocessing():
+    from monai.transforms import Activationsd, AsDiscreted, Compose
+
+    from common.attacks import output_from_postprocessing
+
+    sigmoid = Compose([Activationsd(keys="pred", sigmoid=True), AsDiscreted(keys="pred", threshold=0.5)])
+    assert output_from_postprocessing(sigmoid) == "sigmoid"
+    assert output_from_postprocessing([Activationsd(keys="pred", softmax=True)]) == "softmax"
+    config = {"_target_": "Compose", "transforms": [{"_target_": "Activationsd", "keys": "pred", "sigmoid": True}]}
+    assert output_from_postprocessing(config) == "sigmoid"
+    assert output_from_postprocessing([AsDiscreted(keys="pred", argmax=True)]) == "auto"

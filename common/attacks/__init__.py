@@ -13,7 +13,7 @@ model mode and parameters untouched, detached output, per-sample ε, deep-superv
 """
 
 from common.attacks.apgd import APGD, apgd_checkpoints
-from common.attacks.base import Attack, PixelwiseAttack
+from common.attacks.base import Attack, PixelwiseAttack, output_from_postprocessing
 from common.attacks.classic import (
     FGSM,
     IFGSM,
@@ -42,6 +42,7 @@ __all__ = [
     "WorstCase",
     "worst_case_attack",
     "case_dice",
+    "output_from_postprocessing",
     "select_attacks",
     "ATTACKS",
     "DEFAULT_ENSEMBLE",

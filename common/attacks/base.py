@@ -33,7 +33,7 @@ import torch
 from common.losses import OUTPUTS, pack_bits, resolve_loss
 from common.validation import check_clip, check_image, check_label_map, check_nonnegative, main_output
 
-__all__ = ["Attack", "Number"]
+__all__ = ["Attack", "PixelwiseAttack", "Number", "output_from_postprocessing"]
 
 Number = float | int
 
@@ -77,6 +77,34 @@ def check_multilabel(y: torch.Tensor, x: torch.Tensor, name: str = "y") -> None:
         raise ValueError(f"{name}: expected a 0/1 mask (B, K, *spatial) for x of shape {tuple(x.shape)}, got {tuple(y.shape)}")
     if y.numel() and not bool(((y == 0) | (y == 1)).all()):
         raise ValueError(f"{name}: a sigmoid (multi-label) target must hold 0/1 per channel, found other values")
+
+
+def output_from_postprocessing(postprocessing) -> str:
+    """An attack's ``output`` read from a bundle's postprocessing: ``"sigmoid"`` when it applies MONAI's
+    ``Activations`` / ``Activationsd`` with ``sigmoid=True`` (independent channels, e.g. BraTS WT / TC /
+    ET), ``"softmax"`` with ``softmax=True``, otherwise ``"auto"``.
+
+    ``postprocessing``: a ``Compose``, a list of transforms, or their parsed config (dicts with
+    ``_target_``, as in ``inference.json``)."""
+    items = getattr(postprocessing, "transforms", postprocessing)
+    if isinstance(items, dict):
+        items = items.get("transforms", [items])
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"postprocessing: expected a Compose, a list of transforms or their config, got {type(items).__name__}")
+    found = "auto"
+    for item in items:
+        if isinstance(item, dict):
+            name, flags = str(item.get("_target_", "")), (item.get("sigmoid"), item.get("softmax"))
+        else:
+            name, flags = type(item).__name__, (getattr(item, "sigmoid", None), getattr(item, "softmax", None))
+        if not name.split(".")[-1].startswith("Activations"):
+            continue
+        sigmoid, softmax = (any(v) if isinstance(v, (list, tuple)) else bool(v) for v in flags)
+        if sigmoid:
+            return "sigmoid"
+        if softmax:
+            found = "softmax"
+    return found
 
 
 class Attack(abc.ABC):
