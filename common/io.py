@@ -142,9 +142,6 @@ def staged_directory(out_dir: str | os.PathLike, subdirs: tuple[str, ...] = ("im
         shutil.rmtree(staging, ignore_errors=True)
 
 
-__all__ += ["atomic_write_nifti"]
-
-
 def atomic_write_nifti(path: str | os.PathLike, data: Any, affine: Any) -> Path:
     """Gzipped NIfTI-1 written atomically and deterministically (gzip mtime 0: same data → same bytes).
 
@@ -230,8 +227,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_report_set(out_dir: str | os.PathLike, files: dict[str, Any]) -> dict[str, Path]:
-    """Write a set of report files whole: stage every file, then move them in, then the manifest.
+def write_report_set(out_dir: str | os.PathLike, files: dict[str, Any], manifest: bool = False) -> dict[str, Path]:
+    """Write a set of report files whole: stage every file, then move them in (then the manifest).
 
     Args:
         out_dir: destination folder (created if needed).
@@ -240,9 +237,10 @@ def write_report_set(out_dir: str | os.PathLike, files: dict[str, Any]) -> dict[
             ``path``'s folder and returning their names).
 
     Every file is written in a staging folder inside ``out_dir`` first; an error there (a full disk, a
-    renderer's error) leaves ``out_dir`` as it was. Then the old :data:`MANIFEST` is removed, each file
-    renamed into place, and the new manifest (names and SHA-256) written last, atomically. Returns the
-    paths of the written files (manifest excluded).
+    renderer's error) leaves ``out_dir`` as it was. Then each file is renamed into place. With
+    ``manifest``, the old :data:`MANIFEST` is removed first and the new one (names and SHA-256) written
+    last, atomically, so that :func:`read_manifest` detects a set mixed by a kill during the moves.
+    Returns the paths of the written files (manifest excluded).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -264,12 +262,14 @@ def write_report_set(out_dir: str | os.PathLike, files: dict[str, Any]) -> dict[
         for name in names:
             with open(staging / name, "rb+") as fh:
                 os.fsync(fh.fileno())
-        manifest = {"files": {name: _sha256(staging / name) for name in names}}
-        (out_dir / MANIFEST).unlink(missing_ok=True)
+        digests = {"files": {name: _sha256(staging / name) for name in names}}
+        if manifest:
+            (out_dir / MANIFEST).unlink(missing_ok=True)
         for name in names:
             (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging / name, out_dir / name)
-        atomic_write_json(out_dir / MANIFEST, manifest)
+        if manifest:
+            atomic_write_json(out_dir / MANIFEST, digests)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {name: out_dir / name for name in names}
