@@ -166,12 +166,14 @@ def unpack_bits(packed: torch.Tensor, channels: int) -> torch.Tensor:
     return (packed.long() // bits) % 2
 
 
-def _js_to_one_hot(p_true: torch.Tensor) -> torch.Tensor:
-    """Jensen–Shannon divergence JS(p ‖ e_y) (natural log) as a function of p_y alone:
+def _js_to_one_hot(log_p_true: torch.Tensor) -> torch.Tensor:
+    """Jensen–Shannon divergence JS(p ‖ e_y) (natural log) as a function of log p_y alone:
 
     with m = (p + e_y) / 2, KL(p ‖ m) = (1 − p_y) log 2 + p_y log(2 p_y / (1 + p_y)) and
-    KL(e_y ‖ m) = −log((1 + p_y) / 2); JS is half their sum (0 when p_y = 1, log 2 when p_y = 0)."""
-    kl_pm = (1 - p_true) * math.log(2.0) + torch.xlogy(p_true, 2 * p_true / (1 + p_true))
+    KL(e_y ‖ m) = −log((1 + p_y) / 2); JS is half their sum (0 when p_y = 1, log 2 when p_y = 0).
+    log p_y is used directly so the gradient stays finite (0) where p_y underflows to 0 in float32."""
+    p_true = log_p_true.exp()
+    kl_pm = (1 - p_true) * math.log(2.0) + p_true * (math.log(2.0) + log_p_true - torch.log1p(p_true))
     kl_ym = -torch.log((1 + p_true) / 2)
     return 0.5 * (kl_pm + kl_ym)
 
@@ -264,7 +266,7 @@ class SegmentationLoss(nn.Module):
         elif name == "masked_ce":
             term = ce * correct.to(ce.dtype)
         elif name == "js":
-            term = _js_to_one_hot(log_p_true.exp())
+            term = _js_to_one_hot(log_p_true)
         else:  # balanced_masked_ce
             return self._balanced(ce * correct.to(ce.dtype) * w, logits, y)
         return (term * w).flatten(1).mean(1)
