@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,20 +48,20 @@ def write_csv(
 
 
 def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
-def format_mean_sd(mean: float | None, sd: float | None = None, digits: int = 3) -> str:
-    """``"0.821 ± 0.042"`` as in the papers' tables; the sd is left out when missing or not finite
-    (one case), ``"inf"`` / ``"-inf"`` for an infinite mean (PSNR of an unchanged input), ``"-"`` when
-    there is no mean."""
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "-"
+def format_mean_sd(mean: float | None, sd: float | None = None, digits: int = 3, missing: str = "-") -> str:
+    """``"0.821 ± 0.042"`` as in the papers' tables (and the card); the sd is left out when missing or not
+    finite (one case), ``"inf"`` / ``"-inf"`` for an infinite mean (PSNR of an unchanged input),
+    ``missing`` when there is no mean (None or NaN)."""
+    if mean is None or (isinstance(mean, numbers.Real) and math.isnan(float(mean))):
+        return missing
     if not _finite(mean):
         return "inf" if float(mean) > 0 else "-inf"
-    text = f"{mean:.{digits}f}"
+    text = f"{float(mean):.{digits}f}"
     if _finite(sd):
-        text += f" ± {sd:.{digits}f}"
+        text += f" ± {float(sd):.{digits}f}"
     return text
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from common.io import write_report_set
+from common.report import format_mean_sd
 from common.reporting.plots import ABSTAIN, certified_dice_vs_sigma_png, dice_vs_eps_png, examples_png
 
 __all__ = [
@@ -190,10 +191,9 @@ def fmt_value(x: float | None) -> str:
 
 
 def fmt_mean_sd(mean: float | None, sd: float | None) -> str:
-    """``mean ± sd`` with 3 decimals; the mean alone when sd is undefined (one case)."""
-    if _undefined(mean):
-        return DASH
-    return f"{float(mean):.3f}" if _undefined(sd) else f"{float(mean):.3f} ± {float(sd):.3f}"
+    """``mean ± sd`` with 3 decimals (:func:`common.report.format_mean_sd`); the mean alone when sd is
+    undefined (one case)."""
+    return format_mean_sd(mean, sd, 3, DASH)
 
 
 def fmt_delta(x: float | None) -> str:
