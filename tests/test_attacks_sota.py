@@ -25,7 +25,6 @@ from common.attacks import (
     worst_case_attack,
 )
 from common.losses import LOSS_NAMES, SegmentationLoss, pack_bits, resolve_loss, unpack_bits
-from common.masking_diagnostics import CHECKS, masking_diagnostics
 from common.sliding_window import SlidingWindowForward
 
 
@@ -426,24 +425,6 @@ def test_default_worst_case_is_at_least_as_strong_as_the_best_ifgsm(trained_unet
         )
         clean = case_dice(model(x), y).mean()
     assert wc <= best_ifgsm < clean
-
-
-def test_masking_diagnostics_pass_on_a_plain_unet_and_flag_saturated_logits(trained_unet):
-    model, x, y = trained_unet
-    quick = lambda f, e: APGD(f, e, steps=10, loss="ce", clip=(0, 1), metric=case_dice)  # noqa: E731
-    grid = [2 / 255, 8 / 255]
-    plain = masking_diagnostics(model, x, y, grid, attack=quick)
-    assert set(plain["checks"]) == set(CHECKS)
-    assert not plain["flagged"], plain["checks"]
-    assert plain["checks"]["large_eps"]["dice"] <= 0.1
-    # logits × 1e4 saturate float32 softmax: zero CE gradient on every confident pixel
-    saturated = masking_diagnostics(lambda v: 1e4 * model(v), x, y, grid, attack=quick, temperature=1e4)
-    assert saturated["flagged"]
-    assert saturated["checks"]["transfer_weaker"]["passed"] is False
-    assert saturated["transfer_dice"][-1] < saturated["attack_dice"][-1] - 0.01
-    import json
-
-    json.dumps(plain), json.dumps(saturated)  # plain JSON-able dicts
 
 
 def test_bundle_configs_select_the_worst_case_by_name():
