@@ -23,8 +23,9 @@ and ``"margin"`` (:class:`MarginLoss`, invariant to any rescaling of the logits)
     Wagner); else not run;
 (f) ``gradient_health``: the fraction of pixels whose softmax probability of the labelled class is
     exactly 1.0 in the logits' dtype (their cross-entropy gradient through that logit is exactly 0) is at
-    most ``saturation_threshold``; also reported: pixels with an exactly zero cross-entropy gradient with
-    respect to all logits, and cases with an exactly zero input gradient.
+    most ``saturation_threshold``, and no case has an exactly zero cross-entropy input gradient (a
+    gradient attack cannot move it); also reported: pixels with an exactly zero cross-entropy gradient
+    with respect to all logits, and the median top-2 logit margin.
 
 Each check is ``{"passed": bool | None, "reason": one sentence, ...its numbers}`` (``None``: not run); a
 check with several losses fails when any loss fails it (``"failed_losses"``). ``flagged`` is true when any
@@ -284,7 +285,17 @@ def masking_diagnostics(
         reason = bad.format(names) if found else good
         return {"passed": not found, "failed_losses": sorted(found), "reason": reason}
 
-    sat = health["saturated_fraction"]
+    sat, dead = health["saturated_fraction"], health["zero_input_gradient_cases"]
+    limit = f"{saturation_threshold:.0%}"
+    if dead:
+        health_reason = (f"{dead:.0%} of the cases have an exactly zero cross-entropy input gradient: "
+                         "a gradient attack cannot move them.")
+    elif saturated:
+        health_reason = (f"{sat:.1%} of pixels have a softmax saturated to exactly 1.0 (> {limit}): their "
+                         "cross-entropy gradient vanishes, an attack on it sees only the unsaturated pixels.")
+    else:
+        health_reason = (f"{sat:.1%} of pixels have a softmax saturated to exactly 1.0 (≤ {limit}) and every "
+                         "case has a non-zero input gradient.")
     checks: dict[str, dict[str, Any]] = {
         "monotone": {
             **verdict(rises, "Mean Dice under every attack loss is non-increasing in ε.",
@@ -313,11 +324,9 @@ def masking_diagnostics(
                 "reason": "Not run: no surrogate, no temperature, and the softmax is not saturated."}),
             "transfer_stronger_at_eps": transfer_stronger},
         "gradient_health": {
-            "passed": not saturated, "failed_losses": [], "threshold": saturation_threshold, **health,
-            "reason": f"{sat:.1%} of pixels have a softmax saturated to exactly 1.0 " + (
-                f"(> {saturation_threshold:.0%}): their cross-entropy gradient vanishes, an attack on "
-                "it sees only the unsaturated pixels." if saturated else
-                f"(≤ {saturation_threshold:.0%}): the cross-entropy gradient is alive."),
+            "passed": not saturated and not dead, "failed_losses": [], "threshold": saturation_threshold,
+            **health,
+            "reason": health_reason,
         },
     }
     return {

@@ -111,6 +111,13 @@ def test_gradient_health_counts_equal_the_float32_thresholds():
     # every pixel beyond the underflow margin: that case's input gradient is exactly zero
     x2 = torch.cat([x, torch.full_like(x, 150.0)])
     assert gradient_health(forward, x2, torch.cat([y, y]))["zero_input_gradient_cases"] == 0.5
+    # check (f) flags a case the attack cannot move even when few pixels are saturated overall
+    x3 = torch.cat([torch.full((7, 1, 1, 40), 0.5), torch.full((1, 1, 1, 40), 150.0)])
+    report = masking_diagnostics(forward, x3, torch.zeros_like(x3, dtype=torch.long), [1.0], clip=None,
+                                 large_eps=1.0, steps=2, losses=("ce",))
+    health = report["checks"]["gradient_health"]
+    assert health["saturated_fraction"] == 0.125 and health["zero_input_gradient_cases"] == 0.125
+    assert health["passed"] is False and "cannot move" in health["reason"]
 
 
 def test_js_loss_gradient_is_finite_where_the_softmax_saturates():
@@ -192,4 +199,5 @@ def test_distilled_unet_is_flagged_for_saturation_and_its_gradient_still_attacks
     assert report["flagged"]
     assert health["zero_input_gradient_cases"] == 0.0
     assert report["checks"]["large_eps"]["passed"] is True
+    assert report["checks"]["transfer_weaker"]["passed"] is True  # logits / T is no stronger: not masked
     assert report["attack_dice"]["ce"][-1] < clean - 0.03  # the plain gradient attack still works
