@@ -48,19 +48,28 @@ _TEMPORARY = re.compile(r"^\.(?:.+\.(\d+)\..*\.tmp|staging-(\d+)-.*)$")
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, keep_name: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on clean exit it replaces ``path`` atomically.
 
     Use it for writers that want a file name (``plt.savefig``, ``nib.save``, ``torch.save``)::
 
         with atomic_path("report/plot.png") as tmp:
             fig.savefig(tmp, format="png")
+
+    ``keep_name=True`` yields ``path``'s own file name inside a private staging folder beside it, for
+    writers that infer the format from the suffix (ITK's ``WriteImage`` on ``.nii.gz``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    staging = None
+    if keep_name:
+        staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=path.parent))
+        tmp = staging / path.name
+        tmp.touch()
+    else:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
@@ -72,6 +81,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from common.data.datalist import split_cases, write_datalist
-from common.io import atomic_path, staged_directory
+from common.io import atomic_path, atomic_write_bytes, staged_directory
 from common.validation import check_nonnegative, check_positive_int
 
 __all__ = [
@@ -280,11 +280,6 @@ def _nifti_bytes(data: np.ndarray, spacing: Sequence[float]) -> bytes:
     return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
 
 
-def _write_bytes(path: Path, payload: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(payload)
-
-
 def _write_png(path: Path, data: np.ndarray) -> None:
     from PIL import Image
 
@@ -308,8 +303,8 @@ def _write_case(
         if image.dtype != np.float32 or image.shape != label.shape:
             got = f"{image.dtype} {image.shape}"
             raise ValueError(f"case {case_id}: image must be float32 {label.shape}, got {got}")
-        _write_bytes(staging / "imagesTr" / f"{case_id}.nii.gz", _nifti_bytes(image, spacing))
-        _write_bytes(staging / "labelsTr" / f"{case_id}.nii.gz", _nifti_bytes(label, spacing))
+        atomic_write_bytes(staging / "imagesTr" / f"{case_id}.nii.gz", _nifti_bytes(image, spacing))
+        atomic_write_bytes(staging / "labelsTr" / f"{case_id}.nii.gz", _nifti_bytes(label, spacing))
     else:
         if image.dtype != np.uint8 or image.shape != (*label.shape, 3):
             got = f"{image.dtype} {image.shape}"

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from common.data.datalist import load_datalist, write_datalist
+from common.io import atomic_path
 from common.validation import check_positive_int
 
 __all__ = [
@@ -146,12 +146,9 @@ def convert_nih_case(
     mask = sitk.GetImageFromArray((sitk.GetArrayFromImage(label) > 0).astype(np.uint8))
     mask.CopyInformation(image)
     for img, path in ((image, image_out), (mask, label_out)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # ITK infers the format from the suffix, so the file is written whole in a temporary folder
-        # beside its destination and then moved into place atomically
-        with tempfile.TemporaryDirectory(prefix=".pancreas.", dir=path.parent) as tmp:
-            sitk.WriteImage(img, str(Path(tmp) / path.name), True)
-            os.replace(Path(tmp) / path.name, path)
+        # ITK infers the format from the suffix: written whole under its own name, then moved into place
+        with atomic_path(path, keep_name=True) as tmp:
+            sitk.WriteImage(img, str(tmp), True)
     return tuple(image.GetSize())
 
 
