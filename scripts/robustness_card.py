@@ -11,7 +11,11 @@ against clean, and the cost of each part, written as ``card.md``, a self-contain
 ids of the bundle's config before it is parsed, as ``monai.bundle run --key value`` would (e.g.
 ``--overrides '{"image_size": [64, 64]}'``). ``--label_values "[0,1,2,4]"`` gives the label-file value of
 each output channel when the files do not hold channel indices (raw BraTS labels); a list per channel merges
-labels (``"[[0,3,4],[1,2]]"``). An interrupted run restarted with the same settings reuses
+labels (``"[[0,3,4],[1,2]]"``); with ``--output sigmoid`` (or a bundle whose postprocessing has
+``Activationsd(sigmoid=True)``) the lists may overlap (``"[[1,4],[1,2,4],[4]]"``: BraTS TC, WT, ET).
+``--inferer ID`` names the config id of the inferer. ``--budget quick|standard|thorough`` sets the attacks,
+the worst-case ensemble, the steps and the certification n (``--steps``, ``--n0``, ``--n`` override them).
+``--compare OTHER/card.json`` adds the other card side by side with paired Wilcoxon tests on shared cases. An interrupted run restarted with the same settings reuses
 the finished cases (``<output_dir>/.card_cache``). The same run as a bundle config::
 
     python -m monai.bundle run --config_file scripts/robustness_card.json --bundle_root DIR --datalist FILE \
@@ -42,14 +46,18 @@ def main(
     output_dir: str | None = None,
     eps: Sequence[float] = DEFAULT_EPS,
     sigmas: Sequence[float] = DEFAULT_SIGMAS,
-    n0: int = 10,
-    n: int = 100,
-    steps: int = 10,
+    n0: int | None = None,
+    n: int | None = None,
+    steps: int | None = None,
     max_cases: int | None = None,
     seed: int = 0,
     device: str = "cpu",
     overrides: Mapping[str, Any] | str | None = None,
     label_values: Sequence[int | Sequence[int]] | None = None,
+    budget: str = "standard",
+    output: str | None = None,
+    inferer: str | None = None,
+    compare: str | None = None,
 ) -> str:
     """Write the card of the bundle at ``bundle_root`` on the cases of ``datalist``; return the card's
     HTML path. ``overrides`` is a dict or its JSON text (the bundle config passes JSON text, so that
@@ -63,7 +71,7 @@ def main(
     paths = run_card(
         bundle_root, datalist, config=config, ckpt=ckpt, output_dir=output_dir, eps=eps, sigmas=sigmas, n0=n0,
         n=n, steps=steps, max_cases=max_cases, seed=seed, device=device, overrides=overrides,
-        label_values=label_values,
+        label_values=label_values, budget=budget, output=output, inferer=inferer, compare=compare,
     )
     return str(paths["html"])
 

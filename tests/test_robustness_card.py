@@ -23,7 +23,7 @@ from PIL import Image
 from scipy.stats import norm, wilcoxon
 from statsmodels.stats.multitest import multipletests
 
-from common.attacks import IFGSM, inverted_target
+from common.attacks import FGSM, IFGSM, WorstCase, inverted_target
 from helpers import browser_check
 from common.card.bundle_reader import input_range_of, read_bundle
 from common.card.cases import CaseRef, load_case, read_datalist
@@ -41,7 +41,8 @@ SIZE = 20
 ROI = [16, 16, 16]
 HU = (-57.0, 164.0)  # the spleen bundle's window
 UNET = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2], "num_res_units": 0}
-FAST = {"eps": [0.02, 0.08], "sigmas": [0.25], "n0": 4, "n": 64, "steps": 2, "seed": 3, "progress": False}
+FAST = {"eps": [0.02, 0.08], "sigmas": [0.25], "n0": 4, "n": 64, "steps": 2, "seed": 3, "progress": False,
+        "ensemble_steps": 2}
 CARD_FILES = ("card.json", "examples.npz", "card.md", "card.html")
 
 
@@ -219,7 +220,77 @@ def test_zoo_card_matches_direct_calls(zoo):
         raw.append(e["p_wilcoxon"]["spleen"])
     holm = multipletests(raw, method="holm")[1]
     assert [e["p_adjusted"]["spleen"] for e in card["attacks"]] == pytest.approx(list(holm), abs=1e-12)
-    assert len(card["attacks"]) == 6 * len(FAST["eps"])
+    assert len(card["attacks"]) == 7 * len(FAST["eps"])  # the six classic attacks and the WorstCase ensemble
+    _check_headline(card, forward, bundle, cases)
+
+
+def _direct_attack(card, name: str, forward, eps: float):
+    """The card's attack ``name`` built directly from ``common.attacks`` with the settings the card states."""
+    cfg = card["settings"]["attacks"][name]
+    if name == "WorstCase":
+        members = [(m["attack"], {k: v for k, v in m.items() if k != "attack"}) for m in cfg["members"]]
+        return WorstCase(forward, eps, clip=(0.0, 1.0), attacks=members, output="softmax", seed=FAST["seed"])
+    if cfg["attack"] == "FGSM":
+        return FGSM(forward, eps, loss=cfg["loss"], clip=(0.0, 1.0), output="softmax")
+    target = (lambda y: inverted_target(y, 1)) if cfg["targeted"] else None
+    return IFGSM(forward, eps, steps=cfg["steps"], loss=cfg["loss"], clip=(0.0, 1.0), output="softmax",
+                 targeted=cfg["targeted"], target_fn=target)
+
+
+def _check_headline(card, forward, bundle, cases) -> None:
+    """Headline = per case, the attack with the lowest Dice; its Dice, HD95 (MONAI) and component detection
+    (scipy.ndimage.label) equal direct calls; t interval and Wilcoxon by scipy; the smallest p is 2 / 2^n."""
+    from monai.metrics import compute_hausdorff_distance
+    from scipy import ndimage, stats
+
+    head, ids = card["headline"], card["data"]["case_ids"]
+    assert head["n_cases"] == len(ids) and head["min_p"] == 2 / 2 ** len(ids)
+    assert head["min_p_holm"] == min(1.0, len(FAST["eps"]) * 2 / 2 ** len(ids))
+    entry = head["eps"][-1]
+    eps = entry["eps_input_units"]
+    worst = []
+    for case in cases:
+        cid = case.case_id
+        scores = {a["name"]: a["per_case"][cid]["spleen"] for a in card["attacks"] if a["eps"] == entry["eps"]}
+        chosen = entry["per_case"][cid]["attack"]
+        assert scores[chosen] == min(scores.values())  # one class: mean foreground Dice = the class's Dice
+        x, y = load_case(bundle, case)
+        x_adv = _direct_attack(card, chosen, forward, eps)(x, y)
+        with torch.no_grad():
+            pred = forward(x_adv).argmax(1)
+        truth = y[:, 0]
+        worst.append(_dice(pred[0].numpy(), truth[0].numpy(), 1))
+        assert entry["per_case"][cid]["dice"]["spleen"] == pytest.approx(worst[-1], abs=1e-12)
+        hd = compute_hausdorff_distance((pred == 1)[:, None].float(), (truth == 1)[:, None].float(),
+                                        include_background=True, percentile=95, spacing=[1.0, 1.0, 1.0])
+        assert entry["per_case"][cid]["hd95"]["spleen"] == pytest.approx(float(hd), abs=1e-6)
+    # the WorstCase member itself: its per-case Dice equals the direct ensemble's
+    wc = next(a for a in card["attacks"] if a["name"] == "WorstCase" and a["eps"] == entry["eps"])
+    for case in cases:
+        x, y = load_case(bundle, case)
+        with torch.no_grad():
+            pred = forward(_direct_attack(card, "WorstCase", forward, eps)(x, y)).argmax(1)[0].numpy()
+        assert wc["per_case"][case.case_id]["spleen"] == pytest.approx(_dice(pred, y[0, 0].numpy(), 1), abs=1e-12)
+    assert entry["mean"]["spleen"] == pytest.approx(np.mean(worst), abs=1e-12)
+    lo, hi = stats.t.interval(0.95, len(worst) - 1, loc=np.mean(worst), scale=stats.sem(worst))
+    assert entry["ci95"]["spleen"] == pytest.approx([lo, hi], abs=1e-9)
+    clean = [card["clean"]["per_case"][c]["spleen"] for c in ids]
+    expected = 1.0 if worst == clean else wilcoxon(worst, clean).pvalue
+    assert entry["p_wilcoxon"]["spleen"] == pytest.approx(expected, abs=1e-12)
+    # component detection at the clean prediction: scipy's components of the label, covered >= 1/2
+    total = np.zeros(2)
+    for case in cases:
+        x, y = load_case(bundle, case)
+        with torch.no_grad():
+            pred = forward(x).argmax(1)[0].numpy() == 1
+        comps, num = ndimage.label(y[0, 0].numpy() == 1)
+        for i in range(1, num + 1):
+            size = (comps == i).sum()
+            if 100 <= size < 1000:
+                total += [1, (pred & (comps == i)).sum() >= card["settings"]["detected_overlap"] * size]
+    got = head["clean"]["detection"]["spleen"][2]
+    assert got["bin_voxels"] == [100, 1000] and got["components"] == total[0]
+    assert got["detected_fraction"] == pytest.approx(total[1] / total[0] if total[0] else None)
 
 
 def test_zoo_card_files_cost_and_examples(zoo):
@@ -233,7 +304,7 @@ def test_zoo_card_files_cost_and_examples(zoo):
     cost = card["cost"]
     assert cost["clean_forward_s_per_case"] > 0
     expected_parts = {"FGSM-dice", "FGSM-ce", "IFGSM-dice", "IFGSM-ce", "targeted-IFGSM-dice", "targeted-IFGSM-ce",
-                      "certification@sigma=0.25"}
+                      "WorstCase", "certification@sigma=0.25", "masking diagnostics (first case)"}
     assert set(cost["parts"]) == expected_parts
     for part in cost["parts"].values():
         assert part["ratio_to_forward"] == pytest.approx(part["s_per_case"] / cost["clean_forward_s_per_case"])
@@ -337,7 +408,8 @@ PROJECT = {
                       {"image_size": [32, 32], "network_def#channels": [8, 16, 32], "network_def#strides": [2, 2],
                        "network_def#num_res_units": 1}, ["models/chest/base/model.pt"]),
 }
-TINY = {"eps": [0.04], "sigmas": [0.25], "n0": 2, "n": 8, "steps": 1, "max_cases": 1, "seed": 0, "progress": False}
+TINY = {"eps": [0.04], "sigmas": [0.25], "n0": 2, "n": 8, "steps": 1, "max_cases": 1, "seed": 0, "progress": False,
+        "budget": "quick", "masking_check": False}
 
 
 def _rewrite(path: Path, fn) -> None:

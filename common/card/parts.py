@@ -23,11 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.attacks import inverted_target
+from common.attacks import DEFAULT_ENSEMBLE, inverted_target
 from common.evaluation.engine import Perturbation, attacked, build_attack, clean, smoothed
 
 __all__ = [
     "ATTACKS",
+    "BUDGETS",
+    "WORST_CASE",
     "CLEAN_REPEATS",
     "PartSettings",
     "attack_settings",
@@ -49,6 +51,19 @@ ATTACKS: dict[str, tuple[str, str, bool]] = {
     "IFGSM-ce": ("IFGSM", "ce", False),
     "targeted-IFGSM-dice": ("IFGSM", "dice", True),
     "targeted-IFGSM-ce": ("IFGSM", "ce", True),
+}
+#: the card's name of the SEA-style ensemble (:class:`common.attacks.WorstCase`), a part like any attack
+WORST_CASE = "WorstCase"
+
+#: ``--budget``: the card's attacks, I-FGSM steps, the ensemble's members (``None``: no ensemble) and the
+#: certification's n0 / n. ``standard`` uses :data:`common.attacks.DEFAULT_ENSEMBLE` as it is.
+BUDGETS: dict[str, dict[str, Any]] = {
+    "quick": {"attacks": ("FGSM-ce", "IFGSM-ce", "IFGSM-dice"), "steps": 5, "ensemble": None, "n0": 8, "n": 32},
+    "standard": {"attacks": tuple(ATTACKS), "steps": 10, "ensemble": DEFAULT_ENSEMBLE, "n0": 10, "n": 100},
+    "thorough": {"attacks": tuple(ATTACKS), "steps": 20,
+                 "ensemble": (("APGD", {"loss": "dice", "steps": 100}), ("APGD", {"loss": "js", "steps": 200}),
+                              ("SegPGD", {"loss": "ce", "steps": 100}), ("CosPGD", {"loss": "ce", "steps": 100})),
+                 "n0": 20, "n": 500},
 }
 #: clean forward passes per case; their median time is the card's unit of cost
 CLEAN_REPEATS = 3
@@ -72,11 +87,21 @@ class PartSettings:
     seed: int
     clip: tuple[float, float] | None
     attacks: tuple[str, ...] = tuple(ATTACKS)
+    output: str = "softmax"
+    ensemble: tuple[tuple[str, Mapping[str, Any]], ...] | None = None
 
 
-def attack_settings(steps: int, attacks: Sequence[str] = tuple(ATTACKS)) -> dict[str, dict[str, Any]]:
-    """The card's description of every attack (``settings.attacks`` of the card schema)."""
-    out = {}
+def attack_settings(steps: int, attacks: Sequence[str] = tuple(ATTACKS),
+                    ensemble: Sequence[tuple[str, Mapping[str, Any]]] | None = None) -> dict[str, dict[str, Any]]:
+    """The card's description of every attack (``settings.attacks`` of the card schema); the ensemble (if
+    any) is the entry :data:`WORST_CASE` with its members."""
+    out: dict[str, dict[str, Any]] = {}
+    if ensemble:
+        out[WORST_CASE] = {"attack": "WorstCase", "loss": "per member", "targeted": False,
+                           "steps": int(sum(int(kw.get("steps", 1)) for _, kw in ensemble)), "alpha": "per member",
+                           "target": None,
+                           "members": [{"attack": name, **{k: v for k, v in kw.items()}} for name, kw in ensemble],
+                           "selection": "per case, the member input with the lowest mean foreground Dice"}
     for name in attacks:
         kind, loss, targeted = ATTACKS[name]
         iterative = kind != "FGSM"
@@ -115,11 +140,17 @@ def card_perturbations(
     perts = [clean()]
     for name in settings.attacks:
         kind, loss, targeted = ATTACKS[name]
-        kwargs: dict[str, Any] = {"loss": loss, "clip": settings.clip}
+        kwargs: dict[str, Any] = {"loss": loss, "clip": settings.clip, "output": settings.output}
         if kind != "FGSM":
             kwargs.update(steps=settings.steps, targeted=targeted,
                           target_fn=functools.partial(inverted_target, foreground=1) if targeted else None)
         perts += [attacked(name, eps, build_attack(kind, forward, eps, **kwargs)) for eps in settings.eps]
+    if settings.ensemble:
+        members = [(name, dict(kw)) for name, kw in settings.ensemble]
+        perts += [attacked(WORST_CASE, eps, build_attack("WorstCase", forward, eps, clip=settings.clip,
+                                                         attacks=members, output=settings.output,
+                                                         seed=settings.seed))
+                  for eps in settings.eps]
     if certify:
         for sigma, label in zip(settings.sigmas, sigma_names):
             part, seed = cert_part(label), settings.seed
@@ -142,6 +173,17 @@ def example_slice(y: torch.Tensor) -> tuple[int | None, int | None]:
     return 2, int(torch.argmax(counts))
 
 
+def composite_labels(t: torch.Tensor) -> torch.Tensor:
+    """(1, K, *spatial) multi-label masks (sigmoid outputs; -1 = abstained) → (1, 1, *spatial) one map for
+    display: the last channel that is on, plus 1 (0: none on; -1 where any channel abstained). A one-channel
+    map is returned as it is."""
+    if t.shape[1] == 1:
+        return t
+    k = torch.arange(1, t.shape[1] + 1, device=t.device).view(1, -1, *([1] * (t.ndim - 2)))
+    out = torch.where(t == 1, k, torch.zeros_like(k)).amax(1, keepdim=True)
+    return torch.where((t < 0).any(1, keepdim=True), torch.full_like(out, -1), out)
+
+
 def _plane(t: torch.Tensor, axis: int | None, index: int | None) -> np.ndarray:
     """(1, C, *spatial) → the 2-D (H, W) plane of channel 0 (for 3D, ``index`` along spatial ``axis``)."""
     a = t[0, 0]
@@ -160,15 +202,15 @@ def example_observer(first_case: str, attack: str, eps: float, sigma: float) -> 
             return None
         axis, index = example_slice(y)
         out = {"slice": np.array([-1 if axis is None else axis, -1 if index is None else index])}
+        labels = (lambda t: _plane(composite_labels(t), axis, index).astype(np.int64))
         if pert.kind == "clean":
-            out.update(image=_plane(x, axis, index).astype(np.float32),
-                       label=_plane(y, axis, index).astype(np.int64),
-                       pred_clean=_plane(outcome["pred"], axis, index).astype(np.int64))
+            out.update(image=_plane(x, axis, index).astype(np.float32), label=labels(y),
+                       pred_clean=labels(outcome["pred"]))
         elif pert.kind == "attack" and (pert.name, pert.eps) == (attack, eps):
             out.update(adversarial=_plane(outcome["x"], axis, index).astype(np.float32),
-                       pred_adversarial=_plane(outcome["pred"], axis, index).astype(np.int64))
+                       pred_adversarial=labels(outcome["pred"]))
         elif pert.kind == "smoothing" and pert.sigma == sigma:
-            out["pred_certified"] = _plane(outcome["pred"], axis, index).astype(np.int64)
+            out["pred_certified"] = labels(outcome["pred"])
         return {f"{ids[0]}/{name}": value for name, value in out.items()}
 
     return keep

@@ -39,11 +39,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.card.compare import compare_cards, read_other_card
+from common.card.headline import component_observer, masking_flags, worst_case_entries
 from common.card.bundle_reader import Bundle, check_forward, read_bundle, sha256_file
-from common.card.cases import CaseRef, load_case, read_datalist
+from common.card.cases import CaseRef, load_case, read_case, read_datalist
 from common.card.parts import (
-    ATTACKS,
+    BUDGETS,
     CLEAN_REPEATS,
+    WORST_CASE,
     PartSettings,
     attack_settings,
     card_perturbations,
@@ -64,9 +67,18 @@ __all__ = ["run_card", "DEFAULT_EPS", "DEFAULT_SIGMAS", "CACHE_DIR", "SCHEMA_VER
 DEFAULT_EPS = (0.01, 0.02, 0.04, 0.08)
 DEFAULT_SIGMAS = (0.25, 0.5)
 CACHE_DIR = ".card_cache"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 EXAMPLE_ATTACK = "IFGSM-ce"
 EPS_UNIT = "fraction of the input range"
+#: a ground-truth component counts as detected when the prediction covers at least this fraction of it
+DETECTED_OVERLAP = 0.5
+
+
+def median_or_none(values: Sequence[float | None]) -> float | None:
+    """Median of the defined values (inf allowed: an empty prediction's HD95); ``None`` when it is not finite."""
+    vals = [v for v in values if v is not None]
+    m = float(np.median(vals)) if vals else None
+    return m if m is not None and np.isfinite(m) else None
 
 
 def _grid(values: Any, name: str) -> tuple[float, ...]:
@@ -91,13 +103,15 @@ def _versions() -> dict[str, str]:
             "numpy": np.__version__, "robust_seg_monai": own, "platform": platform.platform()}
 
 
-def _validate_cases(bundle: Bundle, cases: Sequence[CaseRef], progress: bool) -> tuple[float, float, int]:
-    """Load and check every case, check the forward on the first; return the measured input min and max
-    and the number of spatial dims."""
+def _validate_cases(bundle: Bundle, cases: Sequence[CaseRef], progress: bool) -> tuple[float, float, int, list]:
+    """Load and check every case, check the forward on the first; return the measured input min and max,
+    the number of spatial dims and each case's voxel spacing after preprocessing (``None`` if unknown)."""
     low, high = float("inf"), float("-inf")
-    spatial = None
+    spatial, spacings = None, []
     for i, case in enumerate(progress_bar(cases, "checking cases", len(cases), progress)):
-        x, _ = load_case(bundle, case)
+        data = read_case(bundle, case)
+        x = data.x
+        spacings.append(None if data.spacing is None else tuple(float(v) for v in data.spacing))
         if spatial is None:
             spatial = x.ndim
             check_forward(bundle, x, f"'image' file {case.image}")
@@ -105,7 +119,7 @@ def _validate_cases(bundle: Bundle, cases: Sequence[CaseRef], progress: bool) ->
             raise ValueError(f"datalist {case.datalist}: 'image' file {case.image} has {x.ndim - 2} spatial "
                              f"dims, the first case {spatial - 2}")
         low, high = min(low, float(x.min())), max(high, float(x.max()))
-    return low, high, spatial - 2
+    return low, high, spatial - 2, spacings
 
 
 def _cache_key(bundle: Bundle, settings: Mapping[str, Any]) -> str:
@@ -124,7 +138,7 @@ def _attack_entries(parts: Mapping, run: _Run) -> list[dict]:
     adjustment over the (attack, ε) family of each class."""
     ids, classes = _ids(run), run.bundle.foreground_names
     clean = parts[("clean", 0.0, 0.0)]
-    keys = [(a, j) for a in ATTACKS for j in range(len(run.eps))]
+    keys = [(a, j) for a in run.attack_names for j in range(len(run.eps))]
     dice = {(a, j): parts[(a, run.eps_input[j], 0.0)] for a, j in keys}
     tests = compare_with_clean(
         np.array([[clean[c][f"dice_{k}"] for c in ids] for k in classes], dtype=np.float64),  # (M, n)
@@ -133,10 +147,14 @@ def _attack_entries(parts: Mapping, run: _Run) -> list[dict]:
     out = []
     for t, (a, j) in enumerate(keys):
         per_case = {c: {k: dice[(a, j)][c][f"dice_{k}"] for k in classes} for c in ids}
+        hd = {k: [dice[(a, j)][c].get(f"hd95_{k}") for c in ids] for k in classes}
+        nsd = {k: [dice[(a, j)][c].get(f"nsd_{k}") for c in ids] for k in classes}
         out.append({
             "name": a, "eps": run.eps[j], "eps_input_units": run.eps_input[j],
             "mean": {k: mean_or_none([per_case[c][k] for c in ids]) for k in classes},
             "sd": {k: sd_or_none([per_case[c][k] for c in ids]) for k in classes},
+            "hd95_median": {k: median_or_none(hd[k]) for k in classes},
+            "nsd_mean": {k: mean_or_none(nsd[k]) for k in classes},
             "p_wilcoxon": {k: float(tests["p_wilcoxon"][m, t]) for m, k in enumerate(classes)},
             "p_adjusted": {k: float(tests["p_holm"][m, t]) for m, k in enumerate(classes)},
             "per_case": per_case,
@@ -162,15 +180,21 @@ def _cert_entries(parts: Mapping, run: _Run) -> list[dict]:
     return out
 
 
-def _cost(parts: Mapping, run: _Run) -> dict[str, Any]:
+def _cost(parts: Mapping, run: _Run, masking: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Mean seconds per case of the clean forward and of every part (an attack: mean over its ε grid),
     and each part's ratio to the clean forward."""
     ids = _ids(run)
     forward_s = float(np.mean([parts[("clean", 0.0, 0.0)][c]["seconds"] for c in ids]))
-    cost = {a: float(np.mean([parts[(a, e, 0.0)][c]["seconds"] for c in ids for e in run.eps_input])) for a in ATTACKS}
+    cost = {a: float(np.mean([parts[(a, e, 0.0)][c]["seconds"] for c in ids for e in run.eps_input]))
+            for a in run.attack_names}
     for sigma, sigma_input in zip(run.sigmas, run.sigmas_input):
         cost[cert_part(sigma)] = float(np.mean([parts[(cert_part(sigma), 0.0, sigma_input)][c]["seconds"] for c in ids]))
-    return {"clean_forward_s_per_case": forward_s,
+    if masking is not None:
+        cost["masking diagnostics (first case)"] = float(masking["seconds"])
+    per_case = forward_s * CLEAN_REPEATS + sum(v * (len(run.eps) if k in run.attack_names else 1)
+                                               for k, v in cost.items() if not k.startswith("masking"))
+    return {"clean_forward_s_per_case": forward_s, "total_s_per_case": per_case,
+            "total_ratio_to_forward": per_case / forward_s if forward_s > 0 else None,
             "parts": {p: {"s_per_case": s, "ratio_to_forward": s / forward_s if forward_s > 0 else None}
                       for p, s in cost.items()}}
 
@@ -207,13 +231,30 @@ class _Run:
     settings: dict[str, Any]
     cache: Path
     args: dict[str, Any]
+    spacings: list
+    budget: str
+
+    @property
+    def attack_names(self) -> list[str]:
+        """The card's attacks in page order: the ensemble (if any) first."""
+        return ([WORST_CASE] if self.parts.ensemble else []) + list(self.parts.attacks)
 
 
 def _prepare(args: dict[str, Any], progress: bool) -> _Run:
     """Check the arguments, read the bundle and the datalist, load and check every case (nothing written)."""
     eps, sigmas = _grid(args["eps"], "eps"), _grid(args["sigmas"], "sigmas")
-    n0, n = check_positive_int(args["n0"], "n0"), check_positive_int(args["n"], "n")
-    steps = check_positive_int(args["steps"], "steps")
+    if args["budget"] not in BUDGETS:
+        raise ValueError(f"budget: expected one of {sorted(BUDGETS)}, got {args['budget']!r}")
+    budget = BUDGETS[args["budget"]]
+    n0 = check_positive_int(budget["n0"] if args["n0"] is None else args["n0"], "n0")
+    n = check_positive_int(budget["n"] if args["n"] is None else args["n"], "n")
+    steps = check_positive_int(budget["steps"] if args["steps"] is None else args["steps"], "steps")
+    ensemble = budget["ensemble"]
+    if ensemble and args.get("ensemble_steps") is not None:
+        member_steps = check_positive_int(args["ensemble_steps"], "ensemble_steps")
+        ensemble = tuple((name, {**kw, "steps": member_steps}) for name, kw in ensemble)
+    if args.get("output") is not None and args["output"] not in ("softmax", "sigmoid"):
+        raise ValueError(f"output: expected 'softmax' or 'sigmoid', got {args['output']!r}")
     batch_size = check_positive_int(args["batch_size"], "batch_size")
     alpha = check_probability(args["alpha"], "alpha")
     if args["max_cases"] is not None:
@@ -222,32 +263,49 @@ def _prepare(args: dict[str, Any], progress: bool) -> _Run:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
     bundle = read_bundle(args["bundle_root"], args["config"], args["ckpt"], args["device"], args["overrides"],
-                         args["label_values"])
+                         args["label_values"], output=args.get("output"), inferer_key=args.get("inferer") or "inferer")
     cases, section = read_datalist(args["datalist"], args["max_cases"])
-    *measured, spatial_dims = _validate_cases(bundle, cases, progress)
+    *measured, spatial_dims, spacings = _validate_cases(bundle, cases, progress)
     rng = bundle.input_range
     low, high = measured if rng.measured else (rng.low, rng.high)
     if not high > low:
         raise ValueError(f"datalist {args['datalist']}: the input range {low}..{high} is empty")
     eps_input, sigmas_input = [e * (high - low) for e in eps], [s * (high - low) for s in sigmas]
     parts = PartSettings(tuple(eps_input), tuple(sigmas_input), steps, n0, n, alpha, args["tau"], "holm",
-                         batch_size, seed, rng.clip)
+                         batch_size, seed, rng.clip, attacks=tuple(budget["attacks"]), output=bundle.output,
+                         ensemble=ensemble)
     settings = {
         "seed": seed,
-        "attacks": attack_settings(steps),
+        "budget": {"name": args["budget"], "attacks": [WORST_CASE] * bool(ensemble) + list(budget["attacks"]),
+                   "steps": steps, "n0": n0, "n": n},
+        "attacks": attack_settings(steps, budget["attacks"], ensemble),
         "certification": {"sigmas": list(sigmas), "sigmas_input_units": sigmas_input, "n0": n0, "n": n,
                           "alpha": alpha, "tau": parts.tau, "correction": "holm", "batch_size": batch_size},
         "wilcoxon": {"alternative": "two-sided", "correction": "holm"},
         "clip": list(rng.clip) if rng.clip else None,
         "label_values": [list(g) for g in bundle.label_values] if bundle.label_values else None,
+        "output": bundle.output,
+        "channel_labels": [list(g) for g in bundle.channel_labels],
+        "inferer_key": args.get("inferer") or "inferer",
+        "spacing": _common_spacing(spacings),
+        "detected_overlap": DETECTED_OVERLAP,
     }
     key = _cache_key(bundle, {**settings, "eps_input": eps_input, "input_range": [low, high]})
     return _Run(bundle, cases, section, (float(low), float(high)), spatial_dims, list(eps), list(sigmas),
                 eps_input, sigmas_input, parts, {**settings, "device": str(bundle.device)},
-                Path(args["output_dir"]) / CACHE_DIR / key, args)
+                Path(args["output_dir"]) / CACHE_DIR / key, args, spacings, args["budget"])
 
 
-def _evaluate(run: _Run, progress: bool) -> tuple[dict, dict[str, np.ndarray], int]:
+def _common_spacing(spacings: Sequence) -> list[float] | None:
+    """The voxel spacing shared by every case (HD95 in mm), ``None`` when unknown or when cases differ
+    (HD95 then in voxels)."""
+    first = spacings[0] if spacings else None
+    if first is None or any(s != first for s in spacings):
+        return None
+    return list(first)
+
+
+def _evaluate(run: _Run, progress: bool) -> tuple[dict, dict[str, np.ndarray], int, dict[str, np.ndarray]]:
     """Every case through the engine, from the cache when it holds the case for the same files; returns
     the rows by part (:func:`common.card.parts.rows_by_part`), the example arrays and the reused count."""
     first = run.cases[0].case_id
@@ -255,18 +313,31 @@ def _evaluate(run: _Run, progress: bool) -> tuple[dict, dict[str, np.ndarray], i
     def batches():
         for case in run.cases:
             x, y = load_case(run.bundle, case)
-            yield {"image": x, "label": y, "case_id": [case.case_id], "need_arrays": case.case_id == first,
-                   "fingerprint": {"image_sha256": sha256_file(case.image), "label_sha256": sha256_file(case.label)}}
+            yield {"image": x, "label": y, "case_id": [case.case_id], "need_arrays": True,
+                   "fingerprint": {"files_sha256": [sha256_file(f) for f in case.files]}}
 
     b = run.bundle
-    scoring = Scoring(b.num_classes, class_names=b.class_names, output=b.output)
-    observer = example_observer(first, EXAMPLE_ATTACK, run.eps_input[-1], run.sigmas_input[0])
+    spacing = run.settings["spacing"]
+    scoring = Scoring(b.num_classes, class_names=b.class_names, output=b.output, surface=True,
+                      spacing=tuple(spacing) if spacing else None)
+    examples = example_observer(first, _example_attack(run), run.eps_input[-1], run.sigmas_input[0])
+    components = component_observer(b.output, b.foreground_names, DETECTED_OVERLAP)
+
+    def observer(*a):
+        return {**(examples(*a) or {}), **(components(*a) or {})}
+
     result = evaluate(b.forward, batches(), card_perturbations(b.forward, run.parts, run.sigmas), scoring,
                       clean_repeats=CLEAN_REPEATS, progress=progress, desc=f"robustness card {b.name}",
                       cache=CaseCache(run.cache, run.cache.name), observer=observer)
     prefix = f"{first}/"
-    arrays = {k[len(prefix):]: v for k, v in result.artifacts.items() if k.startswith(prefix)}
-    return rows_by_part(result.rows), arrays, result.reused
+    arrays = {k[len(prefix):]: v for k, v in result.artifacts.items()
+              if k.startswith(prefix) and "/components:" not in k}
+    comps = {k: v for k, v in result.artifacts.items() if "/components:" in k}
+    return rows_by_part(result.rows), arrays, result.reused, comps
+
+
+def _example_attack(run: _Run) -> str:
+    return EXAMPLE_ATTACK if EXAMPLE_ATTACK in run.attack_names else run.attack_names[0]
 
 
 def _notes(run: _Run, reused: int) -> list[str]:
@@ -287,7 +358,8 @@ def _notes(run: _Run, reused: int) -> list[str]:
     ]
 
 
-def _card(run: _Run, parts: Mapping, slice_: np.ndarray, reused: int) -> dict[str, Any]:
+def _card(run: _Run, parts: Mapping, slice_: np.ndarray, reused: int, comps: Mapping[str, np.ndarray],
+          masking: Mapping[str, Any] | None) -> dict[str, Any]:
     """The card dict of SCHEMA.md (plus ``command``, ``cache`` and a few documented extra keys)."""
     b, ids, classes = run.bundle, _ids(run), run.bundle.foreground_names
     clean = {c: {k: parts[("clean", 0.0, 0.0)][c][f"dice_{k}"] for k in classes} for c in ids}
@@ -319,10 +391,12 @@ def _card(run: _Run, parts: Mapping, slice_: np.ndarray, reused: int) -> dict[st
         "clean": {"mean": {k: mean_or_none([clean[c][k] for c in ids]) for k in classes},
                   "sd": {k: sd_or_none([clean[c][k] for c in ids]) for k in classes},
                   "per_case": clean},
+        "headline": worst_case_entries(parts, ids, classes, run.attack_names, run.eps, run.eps_input, comps),
+        "masking": masking,
         "attacks": _attack_entries(parts, run),
         "certification": _cert_entries(parts, run),
-        "cost": _cost(parts, run),
-        "examples": {"case_id": first, "slice_axis": axis, "slice_index": index, "attack": EXAMPLE_ATTACK,
+        "cost": _cost(parts, run, masking),
+        "examples": {"case_id": first, "slice_axis": axis, "slice_index": index, "attack": _example_attack(run),
                      "eps": run.eps[-1], "sigma": run.sigmas[0]},
         "cache": {"dir": str(run.cache), "reused_cases": reused, "computed_cases": len(ids) - reused},
         "notes": _notes(run, reused),
@@ -337,9 +411,9 @@ def run_card(
     output_dir: str | os.PathLike | None = None,
     eps: Sequence[float] = DEFAULT_EPS,
     sigmas: Sequence[float] = DEFAULT_SIGMAS,
-    n0: int = 10,
-    n: int = 100,
-    steps: int = 10,
+    n0: int | None = None,
+    n: int | None = None,
+    steps: int | None = None,
     max_cases: int | None = None,
     seed: int = 0,
     device: str = "cpu",
@@ -349,6 +423,12 @@ def run_card(
     tau: float = 0.75,
     batch_size: int = 8,
     progress: bool = True,
+    budget: str = "standard",
+    output: str | None = None,
+    inferer: str | None = None,
+    ensemble_steps: int | None = None,
+    masking_check: bool = True,
+    compare: str | os.PathLike | None = None,
 ) -> dict[str, Path]:
     """Compute and write the robustness card of the bundle at ``bundle_root`` on the cases of ``datalist``.
 
@@ -357,8 +437,17 @@ def run_card(
         ckpt: checkpoint for ``network_def`` (default: see :mod:`common.card.bundle_reader`).
         output_dir: where the card goes (default ``<bundle_root>/eval/robustness_card``).
         eps: ε grid, fractions of the input range; ``sigmas``: σ grid, in the same unit.
-        n0, n, alpha, tau, batch_size: certification (:func:`common.certify.certify`, Holm correction).
-        steps: iterations of the I-FGSM attacks (IFGSM's default α = ε / steps).
+        n0, n, alpha, tau, batch_size: certification (:func:`common.certify.certify`, Holm correction);
+            n0 / n default to the budget's.
+        steps: iterations of the I-FGSM attacks (IFGSM's default α = ε / steps; default: the budget's).
+        budget: ``quick`` / ``standard`` / ``thorough`` (:data:`common.card.parts.BUDGETS`): the attacks, the
+            worst-case ensemble, steps and n.
+        output: ``"softmax"`` or ``"sigmoid"`` (default: from the bundle's postprocessing).
+        inferer: the config id of the inferer (default ``"inferer"``).
+        ensemble_steps: every ensemble member's steps (default: the budget's).
+        masking_check: run the gradient-masking diagnostics on the first case.
+        compare: another card's ``card.json``: its numbers side by side, paired tests on shared case ids
+            (:func:`common.card.compare.compare_cards`).
         max_cases: use at most this many cases of the datalist section.
         seed: seeds MONAI (``set_determinism``) and the certification noise.
         overrides: config ids of the bundle's config to set before parsing (``{"image_size": [64, 64]}``).
@@ -377,15 +466,28 @@ def run_card(
             "max_cases": max_cases, "seed": seed, "device": str(device),
             "overrides": dict(overrides) if overrides else None,
             "label_values": label_values, "alpha": alpha, "tau": tau,
-            "batch_size": batch_size}
+            "batch_size": batch_size, "budget": budget, "output": output, "inferer": inferer,
+            "ensemble_steps": ensemble_steps}
     if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0:
         set_determinism(seed=seed)
+    other = read_other_card(compare) if compare is not None else None
     run = _prepare(args, progress)
     check_writable(output_dir)
-    parts, arrays, reused = _evaluate(run, progress)
+    parts, arrays, reused, comps = _evaluate(run, progress)
     slice_ = arrays.pop("slice")
     arrays["perturbation"] = arrays["adversarial"] - arrays["image"]
-    return _write(_card(run, parts, slice_, reused), arrays, Path(output_dir))
+    masking = _masking(run) if masking_check else None
+    card = _card(run, parts, slice_, reused, comps, masking)
+    card["comparison"] = compare_cards(card, other, str(compare)) if other is not None else None
+    return _write(card, arrays, Path(output_dir))
+
+
+def _masking(run: _Run) -> dict[str, Any]:
+    """The gradient-masking checks on the first case (:func:`common.card.headline.masking_flags`)."""
+    x, y = load_case(run.bundle, run.cases[0])
+    out = masking_flags(run.bundle.forward, x, y, run.eps_input, run.parts.clip, run.input_range,
+                        run.bundle.output, run.parts.steps, run.parts.seed)
+    return {**out, "case": run.cases[0].case_id}
 
 
 def _write(card: dict[str, Any], examples: Mapping[str, np.ndarray], out_dir: Path) -> dict[str, Path]:

@@ -171,7 +171,9 @@ class Scoring:
     def names(self) -> list[str]:
         """The reported class names, in key order (from a one-voxel probe, so every check runs early)."""
         probe = torch.zeros(1, self.num_classes if self.output == "sigmoid" else 1, 1, 1, dtype=torch.long)
-        return [k[len("dice_"):] for k in self.scores(probe, probe) if k.startswith("dice_") and k != "dice_mean"]
+        overlap = segmentation_scores(probe, probe, self.num_classes, self.include_background, self.regions,
+                                      self.class_names, multilabel=self.output == "sigmoid")  # no spacing: 2-D probe
+        return [k[len("dice_"):] for k in overlap if k.startswith("dice_") and k != "dice_mean"]
 
 
 def build_attack(kind: str, forward: Callable, eps: float, **kwargs: Any) -> Callable:

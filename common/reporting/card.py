@@ -51,7 +51,9 @@ __all__ = [
     "validate_examples",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: schema versions the renderer reads (1: no headline, masking or comparison; docs/card_schema.md)
+SCHEMA_VERSIONS = (1, 2)
 DASH = "–"  # shown for undefined numbers (None / NaN)
 FILES = {
     "md": "card.md",
@@ -110,6 +112,29 @@ _REQUIRED: dict[str, Any] = {
 }
 
 
+# Added in schema 2 (the verdict): the per-case worst case, masking flags (or null), comparison (or null).
+_REQUIRED_V2: dict[str, Any] = {
+    "headline": {
+        "clean": {k: None for k in ("mean", "ci95", "hd95_median", "nsd_mean", "detection")},
+        "eps": {"[]": {k: None for k in ("eps", "eps_input_units", "mean", "ci95", "hd95_median", "nsd_mean",
+                                          "detection", "p_wilcoxon", "p_adjusted", "per_case")}},
+        **{k: None for k in ("n_cases", "interval", "selection", "test", "min_p", "min_p_holm")},
+    },
+    "masking": None,
+    "comparison": None,
+    "settings": {"budget": {k: None for k in ("name", "attacks", "steps", "n0", "n")}},
+    "cost": {"total_s_per_case": None, "total_ratio_to_forward": None},
+}
+
+
+@dataclass
+class Fold:
+    """Blocks folded away (HTML ``<details>``; Markdown: a heading and the blocks)."""
+
+    title: str
+    blocks: list[Any]
+
+
 def _check_keys(obj: Any, spec: Mapping[str, Any], where: str) -> None:
     if "[]" in spec:
         if not isinstance(obj, list):
@@ -130,8 +155,10 @@ def validate_card(card: Mapping[str, Any]) -> None:
     """Raise ValueError naming the first missing key (e.g. ``card['attacks'][1]: missing required key
     'sd'``) or wrong container type; check the schema version and that class names are strings."""
     _check_keys(card, _REQUIRED, "card")
-    if card["schema_version"] != SCHEMA_VERSION:
-        raise ValueError(f"card['schema_version']: expected {SCHEMA_VERSION}, got {card['schema_version']!r}")
+    if card["schema_version"] not in SCHEMA_VERSIONS:
+        raise ValueError(f"card['schema_version']: expected one of {SCHEMA_VERSIONS}, got {card['schema_version']!r}")
+    if card["schema_version"] >= 2:
+        _check_keys(card, _REQUIRED_V2, "card")
     names = card["bundle"]["class_names"]
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise ValueError("card['bundle']['class_names']: expected a non-empty list of strings")
@@ -597,26 +624,139 @@ def _compact_json(obj: Any, indent: int = 2, expand_depth: int = 2, _depth: int 
     return "{\n" + ",\n".join(items) + "\n" + " " * (indent * _depth) + "}"
 
 
+def _ci(ci: Any) -> str:
+    return DASH if not ci else f"[{fmt_value(ci[0])}, {fmt_value(ci[1])}]"
+
+
+def _verdict_blocks(card: Mapping[str, Any]) -> list[Any]:
+    """The first screen: clean against worst-case Dice per ε and class, certified Dice and abstention per σ,
+    the masking flags, the cost per case, the budget, the statistics' reach (schema 2)."""
+    h, classes, s = card["headline"], card["bundle"]["class_names"], card["settings"]
+    budget, n = s["budget"], h["n_cases"]
+    out: list[Any] = [
+        Heading(2, "Verdict"),
+        Para([_bold(f"{card['bundle']['name']}: "),
+              _plain(f"{n} cases; budget {budget['name']} (attacks: {', '.join(budget['attacks'])}; I-FGSM "
+                     f"steps {budget['steps']}; certification n0 = {budget['n0']}, n = {budget['n']}). Robust "
+                     f"Dice = {h['selection']}. Intervals: {h['interval']}. Tests: {h['test']}; with {n} cases "
+                     f"the smallest p reachable is {fmt_p(h['min_p'])} (exact two-sided Wilcoxon: 2/2^{n}), "
+                     f"{fmt_p(h['min_p_holm'])} after Holm over the {len(h['eps'])} ε values.")]),
+    ]
+    out.append(Image("dice_vs_eps", "Dice against ε: the per-case worst case (black, 95 % interval) and "
+                                        "each attack (mean ± sd)"))
+    rows = []
+    for k in classes:
+        rows.append([k, "0 (clean)", f"{fmt_value(h['clean']['mean'][k])} {_ci(h['clean']['ci95'][k])}", DASH,
+                     fmt_num(h["clean"]["hd95_median"][k]), fmt_value(h["clean"]["nsd_mean"][k]), DASH, DASH])
+        for e in h["eps"]:
+            cm, m = h["clean"]["mean"][k], e["mean"][k]
+            rows.append([k, fmt_num(e["eps"]), f"{fmt_value(m)} {_ci(e['ci95'][k])}", fmt_delta(m - cm),
+                         fmt_num(e["hd95_median"][k]), fmt_value(e["nsd_mean"][k]), fmt_p(e["p_wilcoxon"][k]),
+                         fmt_p(e["p_adjusted"][k])])
+    spacing = s.get("spacing")
+    out.append(Table(["Class", f"ε ({card['units']['eps_unit']})", "Dice mean [95 % CI]", "Δ vs clean",
+                      "HD95 median" + (" (mm)" if spacing else " (voxels)"), "NSD mean", "p (Wilcoxon)",
+                      "p (Holm)"], rows, caption="Clean and worst-case robust Dice per class"))
+    cert = sorted(card["certification"], key=lambda r: r["sigma"])
+    if cert:
+        out.append(Table([f"σ ({_sigma_unit(card)})", *(f"Certified Dice {k}" for k in classes), "Abstain fraction"],
+                         [[fmt_num(r["sigma"]), *(fmt_value(r["certified_dice"].get(k)) for k in classes),
+                           fmt_value(r["abstain_fraction"])] for r in cert],
+                         caption="Randomized-smoothing certification (abstained pixels ignored)"))
+    m = card.get("masking")
+    if m:
+        items = [[_bold("FLAG " if c["passed"] is False else "pass " if c["passed"] else "not run "),
+                  _plain(f"{name}: {c['reason']}")] for name, c in m["checks"].items()]
+        out += [Para([_bold("Gradient-masking checks: " + ("FLAGGED" if m["flagged"] else "no flag")),
+                      _plain(f" (APGD, {m['steps']} steps, on case {m['case']}).")]), Bullets(items)]
+    else:
+        out.append(Para([_plain("Gradient-masking checks: not run.")]))
+    cost = card["cost"]
+    out.append(Para([_bold("Cost per case: "),
+                     _plain(f"{fmt_seconds(cost['total_s_per_case'])} = {fmt_ratio(cost['total_ratio_to_forward'])}"
+                            f" clean forwards of {fmt_seconds(cost['clean_forward_s_per_case'])}; per part in "
+                            "the Cost section.")]))
+    det = _detection_table(card)
+    if det:
+        out.append(det)
+    if card.get("comparison"):
+        out += _comparison_blocks(card["comparison"])
+    return out
+
+
+def _detection_table(card: Mapping[str, Any]) -> Table | None:
+    """Detected fraction of ground-truth components per size bin: clean and worst case at the largest ε."""
+    h = card["headline"]
+    if not h["eps"] or not h["clean"]["detection"] or not h["eps"][-1]["detection"]:
+        return None
+    last, rows = h["eps"][-1], []
+    for k, bins in h["clean"]["detection"].items():
+        for b, wb in zip(bins, last["detection"][k]):
+            if b["components"]:
+                hi = b["bin_voxels"][1]
+                rows.append([k, f"{b['bin_voxels'][0]}–{hi - 1 if hi else '∞'}", str(b["components"]),
+                             fmt_value(b["detected_fraction"]), fmt_value(wb["detected_fraction"])])
+    overlap = card["settings"].get("detected_overlap")
+    return Table(["Class", "Component size (voxels)", "Components", "Detected, clean",
+                  f"Detected, worst case ε = {fmt_num(last['eps'])}"], rows,
+                 caption=f"Ground-truth connected components detected (prediction covers ≥ {overlap} of the "
+                         "component; Halmosi et al., ECCV 2024)") if rows else None
+
+
+def _comparison_blocks(cmp: Mapping[str, Any]) -> list[Any]:
+    rows = [[r["what"], DASH if r["eps"] is None else fmt_num(r["eps"]), r["class"], fmt_value(r["this"]),
+             fmt_value(r["other"]), fmt_delta(r["difference"]), fmt_p(r["p_wilcoxon"]), fmt_p(r["p_adjusted"])]
+            for r in cmp["rows"]]
+    n = len(cmp["shared_cases"])
+    return [Para([_bold("Compared with "), _code(cmp["other"]["card"]),
+                  _plain(f" ({cmp['other'].get('title') or DASH}) on {n} shared cases: {cmp['test']}; smallest "
+                         f"p reachable {fmt_p(cmp['min_p'])}, after Holm {fmt_p(cmp['min_p_holm'])}.")]),
+            Table(["Metric", "ε", "Class", "This model", "Other model", "Δ (this − other)", "p (Wilcoxon)",
+                   "p (Holm)"], rows, caption="Side by side, paired on shared case ids")]
+
+
+def _headline_per_case(card: Mapping[str, Any]) -> list[Any]:
+    h, classes = card["headline"], card["bundle"]["class_names"]
+    rows = [[str(c), fmt_num(e["eps"]), v["attack"], *(fmt_value(v["dice"][k]) for k in classes)]
+            for e in h["eps"] for c, v in e["per_case"].items()]
+    return [Table(["Case", "ε", "Worst attack", *(f"Dice {k}" for k in classes)], rows,
+                  caption="Worst case per case: the attack chosen and its Dice")]
+
+
 def card_blocks(card: Mapping[str, Any], images: Mapping[str, bytes] | None = None) -> list[Any]:
-    """The card as an ordered list of blocks; ``images`` maps FILES keys to PNG bytes (for the HTML)."""
+    """The card as an ordered list of blocks; ``images`` maps FILES keys to PNG bytes (for the HTML).
+    Schema 2: the verdict first, every detail folded below it."""
     images = images or {}
     notes = card["notes"]
-    blocks: list[Any] = [
-        Heading(1, card["title"]),
-        *_summary_blocks(card),
-        Heading(3, "Notes and caveats"),
-        Bullets([[_plain(str(n))] for n in notes]) if notes else Para([_plain("None.")]),
-        *_clean_table(card),
-        *_attack_tables(card),
-        *_cert_tables(card),
-        *_cost_table(card),
-        *_examples_blocks(card),
-        *_reproduce_blocks(card),
+    details = [
+        Fold("Bundle, data and units", [*_summary_blocks(card)]),
+        Fold("Notes and caveats", [Bullets([[_plain(str(n))] for n in notes]) if notes else Para([_plain("None.")])]),
+        Fold("Clean Dice", _clean_table(card)[1:]),
+        Fold("Each attack", [b for b in _attack_tables(card)[1:]
+                             if not (isinstance(b, Image) and "headline" in card)]),
+        Fold("Certification", _cert_tables(card)[1:]),
+        Fold("Cost", _cost_table(card)[1:]),
+        Fold("Examples", _examples_blocks(card)[1:]),
+        Fold("Settings and versions for reproduction", _reproduce_blocks(card)[1:]),
     ]
-    for block in blocks:
+    if "headline" in card:
+        details.insert(3, Fold("Worst case per case", _headline_per_case(card)))
+        blocks: list[Any] = [Heading(1, card["title"]), *_verdict_blocks(card), Heading(2, "Details"), *details]
+    else:
+        blocks = [Heading(1, card["title"]), *_summary_blocks(card), Heading(3, "Notes and caveats"),
+                  *details[1].blocks, *_clean_table(card), *_attack_tables(card), *_cert_tables(card),
+                  *_cost_table(card), *_examples_blocks(card), *_reproduce_blocks(card)]
+    for block in _flat(blocks):
         if isinstance(block, Image):
             block.data = images.get(block.key, b"")
     return blocks
+
+
+def _flat(blocks: Sequence[Any]) -> list[Any]:
+    out = []
+    for b in blocks:
+        out += _flat(b.blocks) if isinstance(b, Fold) else [b]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- markdown
@@ -673,6 +813,8 @@ def to_markdown(blocks: Sequence[Any]) -> str:
         elif isinstance(blk, Code):
             fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", blk.text)), default=0))
             parts.append(f"{fence}\n{blk.text}\n{fence}")
+        elif isinstance(blk, Fold):
+            parts.append("### " + _md_text(blk.title) + "\n\n" + to_markdown(blk.blocks).rstrip("\n"))
         else:
             raise TypeError(f"unknown block {blk!r}")
     return "\n\n".join(parts) + "\n"
@@ -694,6 +836,8 @@ code{padding:.1em .3em;border-radius:3px;overflow-wrap:anywhere}pre code{overflo
 pre{padding:.8em;overflow-x:auto;border-radius:4px}
 figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #d0d7de}
 figcaption{font-size:.85em;color:#57606a}
+details{margin:.6em 0;border:1px solid #d0d7de;border-radius:4px;padding:.3em .8em}
+summary{cursor:pointer;font-weight:600}
 """.strip()
 
 # No scripts, no fonts, no frames, no network: only inline styles and data: images may load.
@@ -719,6 +863,17 @@ def _html_runs(runs: Sequence[tuple[str, str]]) -> str:
 
 def to_html(blocks: Sequence[Any], title: str) -> str:
     """A self-contained HTML5 page of ``blocks``: inline CSS, images as base64 data URIs, no scripts."""
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{_h(title)}</title>\n<style>\n{_CSS}\n</style>\n</head>\n<body>\n"
+        + _html_body(blocks)
+        + "\n</body>\n</html>\n"
+    )
+
+
+def _html_body(blocks: Sequence[Any]) -> str:
     body: list[str] = []
     for blk in blocks:
         if isinstance(blk, Heading):
@@ -742,16 +897,11 @@ def to_html(blocks: Sequence[Any], title: str) -> str:
             )
         elif isinstance(blk, Code):
             body.append(f"<pre><code>{_h(blk.text)}</code></pre>")
+        elif isinstance(blk, Fold):
+            body.append(f"<details><summary>{_h(blk.title)}</summary>\n{_html_body(blk.blocks)}\n</details>")
         else:
             raise TypeError(f"unknown block {blk!r}")
-    return (
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">\n'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{_h(title)}</title>\n<style>\n{_CSS}\n</style>\n</head>\n<body>\n"
-        + "\n".join(body)
-        + "\n</body>\n</html>\n"
-    )
+    return "\n".join(body)
 
 
 # ---------------------------------------------------------------------------------------------- entry

@@ -196,6 +196,17 @@ def dice_vs_eps_png(card: Mapping[str, Any]) -> bytes:
             sds = np.nan_to_num(sds, nan=0.0)
             (line,) = ax.plot(xs, means, marker="o", label=_text(name))
             ax.fill_between(xs, means - sds, means + sds, color=line.get_color(), alpha=0.12, linewidth=0)
+        head = card.get("headline")
+        if head and head["eps"]:
+            entries = sorted(head["eps"], key=lambda e: e["eps"])
+            xs = np.array([0.0] + [float(e["eps"]) for e in entries])
+            means = np.concatenate([clean[panel], _class_series([e["mean"] for e in entries], classes)[panel]])
+            ax.plot(xs, means, color="black", linewidth=2.2, marker="s", label="worst case (per case)")
+            if panel in classes:
+                cis = [head["clean"]["ci95"].get(panel)] + [e["ci95"].get(panel) for e in entries]
+                if all(ci is not None for ci in cis):
+                    ax.fill_between(xs, [ci[0] for ci in cis], [ci[1] for ci in cis], color="black", alpha=0.12,
+                                    linewidth=0)
         ax.axhline(clean[panel][0], color="0.4", linestyle=":", linewidth=1, label="clean")
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel(f"ε ({eps_unit})", fontsize=8)
