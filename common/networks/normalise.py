@@ -29,7 +29,7 @@ from common.networks.forwards import InputTransformForward
 from common.validation import check_image
 
 __all__ = [
-    "per_case_znorm", "znorm_input_gradient", "PerCaseZNorm", "window_to_hu", "hu_to_window", "mean_case_std",
+    "per_case_znorm", "znorm_input_gradient", "PerCaseZNorm", "window_to_hu", "hu_to_window",
 ]
 
 
@@ -105,17 +105,3 @@ def window_to_hu(value: torch.Tensor | float, hu_range: Sequence[float] = (-100.
     """Window units → HU: low + value · Λ. A perturbation δ in window units is δ · Λ HU (0.03 → 10.2 HU)."""
     low, high = _window(hu_range)
     return low + value * (high - low)
-
-
-def mean_case_std(images) -> float:
-    """Mean over cases of each case's population std (all voxels), for images given one case at a time
-    as tensors or arrays (C, *spatial). The bundles use it on window-scaled training volumes to express
-    a budget in window units (ε = 0.03 Λ) in the z-units of per-case normalised training patches:
-    ε_z ≈ ε / mean σ (adversarial training attacks patches, which no longer carry their case's σ)."""
-    stds = [float(torch.as_tensor(im, dtype=torch.float64).std(unbiased=False)) for im in images]
-    if not stds:
-        raise ValueError("images: no cases")
-    positive = [s for s in stds if s > 0]
-    if not positive:
-        raise ValueError("images: every case is constant (std 0)")
-    return sum(positive) / len(positive)
