@@ -58,6 +58,7 @@ def main(
     output: str | None = None,
     inferer: str | None = None,
     compare: str | None = None,
+    ensemble_steps: int | None = None,
 ) -> str:
     """Write the card of the bundle at ``bundle_root`` on the cases of ``datalist``; return the card's
     HTML path. ``overrides`` is a dict or its JSON text (the bundle config passes JSON text, so that
@@ -72,6 +73,7 @@ def main(
         bundle_root, datalist, config=config, ckpt=ckpt, output_dir=output_dir, eps=eps, sigmas=sigmas, n0=n0,
         n=n, steps=steps, max_cases=max_cases, seed=seed, device=device, overrides=overrides,
         label_values=label_values, budget=budget, output=output, inferer=inferer, compare=compare,
+        ensemble_steps=ensemble_steps,
     )
     return str(paths["html"])
 

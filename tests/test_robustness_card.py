@@ -27,7 +27,7 @@ from common.attacks import FGSM, IFGSM, WorstCase, inverted_target
 from helpers import browser_check
 from common.card.bundle_reader import input_range_of, read_bundle
 from common.card.cases import CaseRef, load_case, read_datalist
-from common.card.parts import cert_part, part_generator
+from common.card.parts import BUDGETS, cert_part, part_generator
 from common.card.runner import run_card
 from common.certify import certify
 from common.checkpoint import save_weights
@@ -466,7 +466,7 @@ def test_project_bundle_cards(name, tmp_path):
     for e in card["attacks"]:
         values += [e["mean"][c] for c in classes] + [e["per_case"][case][c] for c in classes]
         assert all(0 <= e[k][c] <= 1 for k in ("p_wilcoxon", "p_adjusted") for c in classes)
-    assert len(card["attacks"]) == 6 and all(v is not None and 0 <= v <= 1 for v in values)
+    assert len(card["attacks"]) == len(BUDGETS["quick"]["attacks"]) and all(v is not None and 0 <= v <= 1 for v in values)
     for e in card["certification"]:
         low, high = card["units"]["input_range"]
         assert e["certified_radius"] == pytest.approx(0.25 * norm.ppf(0.75) * (high - low))
@@ -587,7 +587,8 @@ def test_cli_and_bundle_config_reuse_the_cache(zoo):
 
     root, out = zoo["root"], zoo["out"]
     args = ["--bundle_root", str(root), "--datalist", str(zoo["datalist"]), "--output_dir", str(out),
-            "--eps", "[0.02,0.08]", "--sigmas", "[0.25]", "--n0", "4", "--n", "64", "--steps", "2", "--seed", "3"]
+            "--eps", "[0.02,0.08]", "--sigmas", "[0.25]", "--n0", "4", "--n", "64", "--steps", "2", "--seed", "3",
+            "--ensemble_steps", "2"]
     (out / "card.json").unlink()
     assert fire.Fire(main, command=args) == str(out / "card.html")
     cards = {"fire": json.loads((out / "card.json").read_text())}
@@ -603,3 +604,133 @@ def test_cli_and_bundle_config_reuse_the_cache(zoo):
     for name, card in cards.items():
         assert (card["cache"]["reused_cases"], card["cache"]["computed_cases"]) == (3, 0), name
         assert card["attacks"] == zoo["card"]["attacks"] and card["certification"] == zoo["card"]["certification"]
+
+
+def test_card_on_a_brats_like_sigmoid_bundle_matches_direct_calls(tmp_path):
+    """The whole card on the zoo-style BraTS bundle (SegResNet, 4 modalities, sigmoid TC / WT / ET with
+    overlapping label sets): clean Dice and HD95 per region equal MONAI's inferer + sigmoid > 0.5 against
+    ``ConvertToMultiChannelBasedOnBratsClasses``; certification is per channel (a direct ``certify`` of
+    the channel's two-class logits (0, z_c)); the cache key covers every modality file."""
+    from monai.metrics import compute_hausdorff_distance
+    from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
+
+    from test_card_zoo_bundles import _brats_bundle, _oracle
+
+    root, datalist, state = _brats_bundle(tmp_path)
+    regions = [[1, 4], [1, 2, 4], [4]]
+    out = tmp_path / "card"
+    kw = dict(eps=[0.02], sigmas=[0.25], n0=2, n=8, steps=1, seed=0, progress=False, budget="quick",
+              label_values=regions, output_dir=out)
+    run_card(root, datalist, **kw)
+    card = json.loads((out / "card.json").read_text())
+    names = ["Tumor core", "Whole tumor", "Enhancing tumor"]
+    assert card["bundle"]["output"] == "sigmoid" and card["bundle"]["class_names"] == names
+    assert card["settings"]["budget"]["attacks"] == ["FGSM-ce", "IFGSM-ce", "IFGSM-dice"]
+    assert card["masking"]["checks"] and set(card["headline"]["eps"][0]["mean"]) == set(names)
+    net, inferer = _oracle(root, "inference.json", state)
+    bundle = read_bundle(root, label_values=regions)
+    for i, case in enumerate(read_datalist(datalist)[0]):
+        x, y = load_case(bundle, case)
+        raw = torch.as_tensor(nib.load(str(case.label)).get_fdata())
+        truth = ConvertToMultiChannelBasedOnBratsClasses()(raw).bool()[None]
+        with torch.no_grad():
+            logits = inferer(x, net).as_subclass(torch.Tensor)
+        pred = logits > 0
+        hd = compute_hausdorff_distance(pred.float(), truth.float(), include_background=True, percentile=95,
+                                        spacing=[1.0, 1.0, 1.0])[0]
+        for c, name in enumerate(names):
+            p, g = pred[0, c].numpy(), truth[0, c].numpy()
+            dice = 1.0 if not (p.any() or g.any()) else 2.0 * (p & g).sum() / (p.sum() + g.sum())
+            assert card["clean"]["per_case"][case.case_id][name] == pytest.approx(dice, abs=1e-6)
+        worst = card["headline"]["eps"][0]["per_case"][case.case_id]
+        assert worst["attack"] in card["settings"]["budget"]["attacks"]
+        if i:
+            continue
+        # certification per channel with the card's generator, as the engine draws it (first case)
+        gen = part_generator(0, case.case_id, cert_part(0.25))
+        sigma = 0.25 * (card["units"]["input_range"][1] - card["units"]["input_range"][0])
+        certs = [certify(lambda z, c=c: torch.cat([torch.zeros_like(bundle.forward(z)[:, c:c + 1]),
+                                                    bundle.forward(z)[:, c:c + 1]], 1),
+                         x, sigma, n0=2, n=8, alpha=0.001, tau=0.75, correction="holm", batch_size=8, generator=gen)
+                 for c in range(3)]
+        abstained = np.mean([float(ct.abstained_fraction.mean()) for ct in certs])
+        assert card["certification"][0]["per_case"][case.case_id]["abstain_fraction"] == pytest.approx(abstained)
+    assert card["headline"]["clean"]["hd95_median"]["Whole tumor"] is None or np.isfinite(hd[1])
+    # the cache key hashes every modality file: changing the FLAIR file of one case recomputes that case
+    flair = read_datalist(datalist)[0][0].images[3]
+    img = nib.load(str(flair))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj) + 1.0, img.affine), str(flair))
+    run_card(root, datalist, **kw, masking_check=False)
+    assert json.loads((out / "card.json").read_text())["cache"]["reused_cases"] == 1
+
+
+def _schema_paths() -> list[str]:
+    """Every backticked key path of the "Keys" list in docs/card_schema.md."""
+    import re
+
+    text = (REPO / "docs" / "card_schema.md").read_text().split("## Keys", 1)[1]
+    paths = []
+    for line in text.splitlines():
+        if line.startswith("- "):
+            head = line.split(" — ", 1)[0]
+            paths += [p for p in re.findall(r"`([a-z0-9_.\[\]]+)`", head) if not p.isdigit() and p != "null"]
+    return paths
+
+
+def _has(obj, parts: list[str]) -> bool:
+    if not parts:
+        return True
+    key, rest = parts[0], parts[1:]
+    if key.endswith("[]"):
+        items = obj.get(key[:-2]) if isinstance(obj, dict) else None
+        return isinstance(items, list) and all(_has(i, rest) for i in items)
+    return isinstance(obj, dict) and key in obj and (not rest or obj[key] is None or _has(obj[key], rest))
+
+
+def test_card_json_follows_docs_card_schema(zoo):
+    """A card written by the runner has every key docs/card_schema.md lists, and the doc lists every
+    top-level key of the card."""
+    card, paths = zoo["card"], _schema_paths()
+    assert len(paths) > 60
+    missing = [p for p in paths if not _has(card, p.replace("[].", "[]\0").replace(".", "\0").split("\0"))]
+    assert missing == []
+    assert set(card) <= {p.split(".")[0].removesuffix("[]") for p in paths}
+    assert card["schema_version"] == 2
+
+
+def test_compare_puts_two_cards_side_by_side_with_paired_tests(zoo, tmp_path):
+    """``compare``: the other card's per-case Dice paired with this card's on the shared case ids only;
+    differences and p-values equal scipy's Wilcoxon and statsmodels' Holm on those numbers."""
+    other = json.loads((zoo["out"] / "card.json").read_text())
+    ids = other["data"]["case_ids"]
+    other["data"]["case_ids"] = ids[1:] + ["not_in_this_card"]  # one case not shared
+    for k, e in enumerate(other["headline"]["eps"]):
+        for j, c in enumerate(ids):
+            e["per_case"][c]["dice"]["spleen"] = 0.1 * (j + 1) + 0.01 * k
+    path = tmp_path / "other" / "card.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(other))
+    out = tmp_path / "cmp"
+    shutil.copytree(zoo["out"] / ".card_cache", out / ".card_cache")
+    run_card(zoo["root"], zoo["datalist"], output_dir=out, compare=path, **FAST)
+    card = json.loads((out / "card.json").read_text())
+    cmp_ = card["comparison"]
+    assert cmp_["shared_cases"] == ids[1:] and cmp_["min_p"] == 2 / 2 ** 2
+    rows = [r for r in cmp_["rows"] if r["what"] == "worst-case Dice"]
+    assert [r["eps"] for r in rows] == FAST["eps"]
+    raw = []
+    for k, r in enumerate(rows):
+        this = [card["headline"]["eps"][k]["per_case"][c]["dice"]["spleen"] for c in ids[1:]]
+        that = [0.1 * (j + 1) + 0.01 * k for j in range(1, len(ids))]
+        assert r["difference"] == pytest.approx(np.mean(np.subtract(this, that)), abs=1e-12)
+        assert r["p_wilcoxon"] == pytest.approx(wilcoxon(this, that).pvalue, abs=1e-12)
+    clean_row = next(r for r in cmp_["rows"] if r["what"] == "clean Dice")
+    allp = [clean_row["p_wilcoxon"]] + [r["p_wilcoxon"] for r in rows]
+    assert [clean_row["p_adjusted"]] + [r["p_adjusted"] for r in rows] == pytest.approx(
+        list(multipletests(allp, method="holm")[1]))
+    html = (out / "card.html").read_text()
+    assert "Compared with" in html and "Side by side" in html
+    with pytest.raises(ValueError, match="compare: .*has no key 'headline'"):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({"clean": {}}))
+        run_card(zoo["root"], zoo["datalist"], output_dir=tmp_path / "x", compare=bad, **FAST)

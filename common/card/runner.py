@@ -57,7 +57,7 @@ from common.card.parts import (
     sd_or_none,
 )
 from common.evaluation.engine import CaseCache, Scoring, evaluate, progress_bar, settings_hash
-from common.io import atomic_write_npz, check_writable, write_report_set
+from common.io import atomic_write_json, atomic_write_npz, check_writable, write_report_set
 from common.metrics import EMPTY_CLASS_RULE
 from common.stats import compare_with_clean
 from common.validation import check_nonnegative, check_positive_int, check_probability
@@ -377,6 +377,7 @@ def _card(run: _Run, parts: Mapping, slice_: np.ndarray, reused: int, comps: Map
             "checkpoint": str(b.checkpoint) if b.checkpoint else None,
             "checkpoint_sha256": b.checkpoint_sha256,
             "network": b.network_target, "inferer": b.inferer, "spatial_dims": run.spatial_dims,
+            "output": b.output, "output_source": b.output_source,
             "num_classes": b.num_classes, "class_names": classes, "channel_names": b.class_names,
             "display_name": b.display_name, "extra_checkpoints": b.extra_checkpoints,
         },
@@ -483,11 +484,23 @@ def run_card(
 
 
 def _masking(run: _Run) -> dict[str, Any]:
-    """The gradient-masking checks on the first case (:func:`common.card.headline.masking_flags`)."""
+    """The gradient-masking checks on the first case (:func:`common.card.headline.masking_flags`), cached in
+    the card's cache folder as ``masking.json`` with the case's file hashes (reused when they match)."""
+    path = run.cache / "masking.json"
+    fingerprint = [sha256_file(f) for f in run.cases[0].files]
+    if path.is_file():
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+            if entry.get("fingerprint") == fingerprint and entry.get("case") == run.cases[0].case_id:
+                return entry["result"]
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass  # unreadable: recomputed
     x, y = load_case(run.bundle, run.cases[0])
     out = masking_flags(run.bundle.forward, x, y, run.eps_input, run.parts.clip, run.input_range,
                         run.bundle.output, run.parts.steps, run.parts.seed)
-    return {**out, "case": run.cases[0].case_id}
+    result = {**out, "case": run.cases[0].case_id}
+    atomic_write_json(path, {"fingerprint": fingerprint, "case": run.cases[0].case_id, "result": result})
+    return result
 
 
 def _write(card: dict[str, Any], examples: Mapping[str, np.ndarray], out_dir: Path) -> dict[str, Path]:
