@@ -334,6 +334,11 @@ def test_zoo_card_opens_in_chromium_with_a_screenshot(zoo):
     messages, shot = browser_check.check_page(zoo["out"] / "card.html", shot)
     print(f"\nrobustness card screenshot: {shot}")
     assert messages == []
+    html = (zoo["out"] / "card.html").read_text()
+    # the first screen is the verdict: the plot and the clean vs worst-case table come before any details
+    verdict, details = html.index("<h2>Verdict</h2>"), html.index("<details>")
+    assert verdict < html.index("<img") < html.index("Clean and worst-case robust Dice per class") < details
+    assert verdict < html.index("Gradient-masking checks") < html.index("Cost per case") < details
     with Image.open(shot) as image:
         rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
     assert rgb.shape[1] == 1200 and rgb.shape[0] > 1500 and rgb.std() > 10
@@ -734,3 +739,20 @@ def test_compare_puts_two_cards_side_by_side_with_paired_tests(zoo, tmp_path):
         bad = tmp_path / "bad.json"
         bad.write_text(json.dumps({"clean": {}}))
         run_card(zoo["root"], zoo["datalist"], output_dir=tmp_path / "x", compare=bad, **FAST)
+
+
+def test_budget_and_output_options_are_checked_before_any_work(zoo, tmp_path):
+    """``budget`` and ``output`` errors name the argument and leave no output folder; each budget's
+    attacks, steps and n are those of ``BUDGETS`` (standard: the default WorstCase ensemble)."""
+    from common.attacks import DEFAULT_ENSEMBLE
+
+    out = tmp_path / "card"
+    for kwargs, words in (({"budget": "huge"}, "budget: expected one of"), ({"output": "relu"}, "output: expected")):
+        with pytest.raises(ValueError, match=words):
+            run_card(zoo["root"], zoo["datalist"], output_dir=out, **{**FAST, **kwargs})
+        assert not out.exists()
+    assert BUDGETS["standard"]["ensemble"] == DEFAULT_ENSEMBLE and BUDGETS["quick"]["ensemble"] is None
+    assert zoo["card"]["settings"]["budget"] == {"name": "standard", "attacks": ["WorstCase", *BUDGETS["standard"]["attacks"]],
+                                                 "steps": FAST["steps"], "n0": FAST["n0"], "n": FAST["n"]}
+    members = zoo["card"]["settings"]["attacks"]["WorstCase"]["members"]
+    assert [(m["attack"], m["loss"], m["steps"]) for m in members] == [(a, kw["loss"], 2) for a, kw in DEFAULT_ENSEMBLE]

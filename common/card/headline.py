@@ -172,8 +172,9 @@ def masking_flags(forward: Callable, x: torch.Tensor, y: torch.Tensor, eps_input
     seconds = time.perf_counter() - start
     checks = {name: {"passed": c.get("passed"), "reason": str(c.get("reason", ""))} for name, c in d["checks"].items()}
     return {"flagged": bool(d["flagged"]), "checks": checks, "clean_dice": _json(d.get("clean_dice")),
-            "attack_dice": _json(d.get("attack_dice")), "eps_input_units": list(eps_input), "steps": steps,
-            "seconds": seconds}
+            "attack_dice": _json(d.get("attack_dice")), "single_step_dice": _json(d.get("single_step_dice")),
+            "noise_dice": _json(d.get("noise_dice")), "transfer_dice": _json(d.get("transfer_dice")),
+            "eps_input_units": list(eps_input), "steps": steps, "seconds": seconds}
 
 
 def _json(v: Any) -> Any:

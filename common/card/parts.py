@@ -3,7 +3,8 @@
 :func:`card_perturbations` lists what every case goes through — clean (the median of
 :data:`CLEAN_REPEATS` timed passes), each attack of :data:`ATTACKS` at each ε (built by
 :func:`common.evaluation.engine.build_attack` from :data:`common.attacks.ATTACKS` with the attack classes'
-own defaults, e.g. I-FGSM's α = ε / N), and randomized smoothing at each σ (Laousy et al., MICCAI 2023) —
+own defaults, e.g. I-FGSM's α = ε / N), the SEA-style worst-case ensemble (:class:`common.attacks.WorstCase`, Croce, Singh, Hein, ECCV 2024) of the
+budget (:data:`BUDGETS`) at each ε, and randomized smoothing at each σ (Laousy et al., MICCAI 2023) —
 and :func:`common.evaluation.engine.evaluate` runs them, one row per case and part.
 :func:`example_observer` keeps the example slices of the first case.
 

@@ -19,6 +19,15 @@ checkpoint hashes). A cached entry is reused when it parses and the image and la
 hashes it was computed from; an unreadable entry is recomputed with a warning naming it. The cache is not
 part of the card and survives a failed run.
 
+Verdict (schema 2, ``docs/card_schema.md``): the headline is the per-case worst case over all the card's
+attacks at each ε (:func:`common.card.headline.worst_case_entries`; the budget's
+:class:`common.attacks.WorstCase` ensemble is one of them), with Dice / HD95 (mm when the cases share a voxel
+spacing) / NSD per class, a 95 % t interval, Wilcoxon against clean and the smallest reachable p;
+ground-truth components detected by size bin; the gradient-masking checks on the first case (cached as
+``masking.json``); ``budget`` (:data:`common.card.parts.BUDGETS`) sets attacks, steps and n; ``compare``
+adds another card side by side (:mod:`common.card.compare`). Sigmoid (multi-label) bundles are attacked
+with per-channel losses and certified one channel at a time.
+
 Units: ε and σ are given as fractions of the input range (the intensity range of the network input,
 from the preprocessing); the card states both that and the values in input units.
 """

@@ -637,7 +637,8 @@ def _verdict_blocks(card: Mapping[str, Any]) -> list[Any]:
         Heading(2, "Verdict"),
         Para([_bold(f"{card['bundle']['name']}: "),
               _plain(f"{n} cases; budget {budget['name']} (attacks: {', '.join(budget['attacks'])}; I-FGSM "
-                     f"steps {budget['steps']}; certification n0 = {budget['n0']}, n = {budget['n']}). Robust "
+                     f"steps {budget['steps']};{_members(s)} certification n0 = {budget['n0']}, n = {budget['n']})."
+                     " Robust "
                      f"Dice = {h['selection']}. Intervals: {h['interval']}. Tests: {h['test']}; with {n} cases "
                      f"the smallest p reachable is {fmt_p(h['min_p'])} (exact two-sided Wilcoxon: 2/2^{n}), "
                      f"{fmt_p(h['min_p_holm'])} after Holm over the {len(h['eps'])} ε values.")]),
@@ -668,13 +669,14 @@ def _verdict_blocks(card: Mapping[str, Any]) -> list[Any]:
         items = [[_bold("FLAG " if c["passed"] is False else "pass " if c["passed"] else "not run "),
                   _plain(f"{name}: {c['reason']}")] for name, c in m["checks"].items()]
         out += [Para([_bold("Gradient-masking checks: " + ("FLAGGED" if m["flagged"] else "no flag")),
-                      _plain(f" (APGD, {m['steps']} steps, on case {m['case']}).")]), Bullets(items)]
+                      _plain(f" (APGD, {m['steps']} steps, on case {m['case']}; clean Dice "
+                             f"{fmt_value(m.get('clean_dice'))}; {_masking_numbers(m)}).")]), Bullets(items)]
     else:
         out.append(Para([_plain("Gradient-masking checks: not run.")]))
     cost = card["cost"]
     out.append(Para([_bold("Cost per case: "),
-                     _plain(f"{fmt_seconds(cost['total_s_per_case'])} = {fmt_ratio(cost['total_ratio_to_forward'])}"
-                            f" clean forwards of {fmt_seconds(cost['clean_forward_s_per_case'])}; per part in "
+                     _plain(f"{fmt_seconds(cost['total_s_per_case'])} s = {fmt_ratio(cost['total_ratio_to_forward'])}"
+                            f" clean forwards of {fmt_seconds(cost['clean_forward_s_per_case'])} s; per part in "
                             "the Cost section.")]))
     det = _detection_table(card)
     if det:
@@ -682,6 +684,26 @@ def _verdict_blocks(card: Mapping[str, Any]) -> list[Any]:
     if card.get("comparison"):
         out += _comparison_blocks(card["comparison"])
     return out
+
+
+def _masking_numbers(m: Mapping[str, Any]) -> str:
+    """Mean Dice per loss over the ε grid for the attack, one FGSM step and uniform noise."""
+    eps = ", ".join(fmt_num(e) for e in m.get("eps_input_units", []))
+    parts = []
+    for what, key in (("attack", "attack_dice"), ("single step", "single_step_dice"), ("noise", "noise_dice")):
+        got = m.get(key)
+        for loss, values in (got.items() if isinstance(got, Mapping) else [("", got)]):
+            if isinstance(values, list):
+                parts.append(f"{what}{' ' + loss if loss else ''}: {', '.join(fmt_value(v) for v in values)}")
+    return f"mean Dice at ε = {eps} (input units): " + "; ".join(parts) if parts else "no numbers"
+
+
+def _members(settings: Mapping[str, Any]) -> str:
+    wc = settings["attacks"].get("WorstCase")
+    if not wc or not wc.get("members"):
+        return ""
+    parts = [f"{m['attack']}-{m.get('loss', '')} {m.get('steps', 1)} steps" for m in wc["members"]]
+    return f" WorstCase ensemble: {', '.join(parts)};"
 
 
 def _detection_table(card: Mapping[str, Any]) -> Table | None:
