@@ -622,6 +622,11 @@ def test_card_on_a_brats_like_sigmoid_bundle_matches_direct_calls(tmp_path):
     from test_card_zoo_bundles import _brats_bundle, _oracle
 
     root, datalist, state = _brats_bundle(tmp_path)
+    spacing = [1.5, 1.5, 2.0]  # anisotropic voxels: HD95 in mm differs from HD95 in voxels
+    for case in read_datalist(datalist)[0]:
+        for f in case.files:
+            img = nib.load(str(f))
+            nib.save(nib.Nifti1Image(np.asarray(img.dataobj), np.diag([*spacing, 1.0])), str(f))
     regions = [[1, 4], [1, 2, 4], [4]]
     out = tmp_path / "card"
     kw = dict(eps=[0.02], sigmas=[0.25], n0=2, n=8, steps=1, seed=0, progress=False, budget="quick",
@@ -634,6 +639,8 @@ def test_card_on_a_brats_like_sigmoid_bundle_matches_direct_calls(tmp_path):
     assert card["masking"]["checks"] and set(card["headline"]["eps"][0]["mean"]) == set(names)
     net, inferer = _oracle(root, "inference.json", state)
     bundle = read_bundle(root, label_values=regions)
+    assert card["settings"]["spacing"] == spacing
+    hds = []
     for i, case in enumerate(read_datalist(datalist)[0]):
         x, y = load_case(bundle, case)
         raw = torch.as_tensor(nib.load(str(case.label)).get_fdata())
@@ -642,7 +649,8 @@ def test_card_on_a_brats_like_sigmoid_bundle_matches_direct_calls(tmp_path):
             logits = inferer(x, net).as_subclass(torch.Tensor)
         pred = logits > 0
         hd = compute_hausdorff_distance(pred.float(), truth.float(), include_background=True, percentile=95,
-                                        spacing=[1.0, 1.0, 1.0])[0]
+                                        spacing=spacing)[0]
+        hds.append(hd.numpy())
         for c, name in enumerate(names):
             p, g = pred[0, c].numpy(), truth[0, c].numpy()
             dice = 1.0 if not (p.any() or g.any()) else 2.0 * (p & g).sum() / (p.sum() + g.sum())
@@ -660,7 +668,10 @@ def test_card_on_a_brats_like_sigmoid_bundle_matches_direct_calls(tmp_path):
                  for c in range(3)]
         abstained = np.mean([float(ct.abstained_fraction.mean()) for ct in certs])
         assert card["certification"][0]["per_case"][case.case_id]["abstain_fraction"] == pytest.approx(abstained)
-    assert card["headline"]["clean"]["hd95_median"]["Whole tumor"] is None or np.isfinite(hd[1])
+    for c, name in enumerate(names):  # median over cases, in mm; null when infinite (an empty prediction)
+        median = float(np.median([h[c] for h in hds]))
+        got = card["headline"]["clean"]["hd95_median"][name]
+        assert (got is None and not np.isfinite(median)) or got == pytest.approx(median, abs=1e-5)
     # the cache key hashes every modality file: changing the FLAIR file of one case recomputes that case
     flair = read_datalist(datalist)[0][0].images[3]
     img = nib.load(str(flair))
