@@ -27,9 +27,9 @@ FLOOR = (0.7, ["pancreas (C2F)"])  # issue #18: clean Dice floor of C2F
 
 def _settings(quick: bool) -> dict[str, Any]:
     return {"volume": [48, 48, 48], "train": 20 if quick else 40, "test": 8 if quick else 16,
-            "coarse_epochs": 20 if quick else 40, "fine_epochs": 30 if quick else 50, "patch": 24,
+            "coarse_epochs": 40 if quick else 60, "fine_epochs": 30 if quick else 50, "patch": 24,
             "patches_per_case": 2, "margin": 4, "lr": 1e-3, "coarse_batch": 2, "fine_batch": 4,
-            "coarse_channels": [4, 8, 16, 32], "fine_channels": [8, 16, 32, 64],
+            "coarse_channels": [8, 16, 32, 64], "fine_channels": [8, 16, 32, 64],
             "eps": 0.03, "alpha": 0.01, "steps": 5, "adv_epochs": 4 if quick else 10}
 
 
