@@ -273,7 +273,7 @@ def _check_headline(card, forward, bundle, cases) -> None:
         assert wc["per_case"][case.case_id]["spleen"] == pytest.approx(_dice(pred, y[0, 0].numpy(), 1), abs=1e-12)
     assert entry["mean"]["spleen"] == pytest.approx(np.mean(worst), abs=1e-12)
     lo, hi = stats.t.interval(0.95, len(worst) - 1, loc=np.mean(worst), scale=stats.sem(worst))
-    assert entry["ci95"]["spleen"] == pytest.approx([lo, hi], abs=1e-9)
+    assert entry["ci95"]["spleen"] == pytest.approx([max(lo, 0.0), min(hi, 1.0)], abs=1e-9)
     clean = [card["clean"]["per_case"][c]["spleen"] for c in ids]
     expected = 1.0 if worst == clean else wilcoxon(worst, clean).pvalue
     assert entry["p_wilcoxon"]["spleen"] == pytest.approx(expected, abs=1e-12)

@@ -49,12 +49,13 @@ def min_wilcoxon_p(n: int, tests: int = 1) -> float:
 
 
 def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
-    """Student-t interval of the mean over cases; ``None`` with fewer than two finite values."""
+    """Student-t interval of the mean over cases, clipped to [0, 1] (Dice, NSD); ``None`` with fewer than two
+    finite values."""
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
     if v.size < 2:
         return None
     half = stats.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size)
-    return float(v.mean() - half), float(v.mean() + half)
+    return float(max(0.0, v.mean() - half)), float(min(1.0, v.mean() + half))
 
 
 def _finite(x: Any) -> float | None:
@@ -152,7 +153,7 @@ def worst_case_entries(
         })
         out_eps.append(entry)
     return {"clean": summary(clean, lambda c: "clean", 0.0), "eps": out_eps, "n_cases": n,
-            "interval": "95 % Student-t interval of the mean over cases",
+            "interval": "95 % Student-t interval of the mean over cases, clipped to [0, 1]",
             "selection": "per case and eps, the attack with the lowest mean foreground Dice (its input's scores)",
             "test": "two-sided Wilcoxon signed-rank against clean (scipy), Holm over the eps grid of each class",
             "min_p": min_wilcoxon_p(n), "min_p_holm": min_wilcoxon_p(n, len(eps))}

@@ -661,7 +661,9 @@ def _verdict_blocks(card: Mapping[str, Any]) -> list[Any]:
     cert = sorted(card["certification"], key=lambda r: r["sigma"])
     if cert:
         out.append(Table([f"σ ({_sigma_unit(card)})", *(f"Certified Dice {k}" for k in classes), "Abstain fraction"],
-                         [[fmt_num(r["sigma"]), *(fmt_value(r["certified_dice"].get(k)) for k in classes),
+                         [[fmt_num(r["sigma"]),
+                           *(fmt_value(r["certified_dice"].get(k)) if r["abstain_fraction"] < 1 else
+                             f"{DASH} (every pixel abstained)" for k in classes),
                            fmt_value(r["abstain_fraction"])] for r in cert],
                          caption="Randomized-smoothing certification (abstained pixels ignored)"))
     m = card.get("masking")
