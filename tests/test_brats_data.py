@@ -123,7 +123,7 @@ def test_prepare_outputs_n4(brats_root, tmp_path):
     body = json.loads(Path(datalist).read_text())
     assert sorted(body["labels"]) == ["0", "1", "2", "4"]
     assert body["modality"] == {"0": "t1", "1": "t1ce", "2": "t2", "3": "flair"}
-    entries = [e for s in ("training", "validation", "test") for e in load_datalist(datalist, s)]
+    entries = [e for s in ("training", "validation", "test") if body[s] for e in load_datalist(datalist, s)]
     assert sorted(Path(e["image"]).name for e in entries) == [f"{c}.nii.gz" for c in sorted(truth)]
     assert not any(p.name.startswith(".") for p in out.iterdir())  # no staging left
     g = _grid()
@@ -176,7 +176,8 @@ def _resize_standardise(images: np.ndarray, size) -> np.ndarray:
 def test_prepare_without_n4_matches_resize_standardise_oracle(brats_root, tmp_path):
     root, truth = brats_root
     datalist = prepare_brats(root, tmp_path / "plain", size=(16, 16, 8), n4=False)
-    entries = [e for s in ("training", "validation", "test") for e in load_datalist(datalist, s)]
+    body = json.loads(Path(datalist).read_text())
+    entries = [e for s in ("training", "validation", "test") if body[s] for e in load_datalist(datalist, s)]
     entry = next(e for e in entries if "Brats17_B_1" in e["image"])
     x = np.asarray(nib.load(entry["image"]).dataobj)
     expect = _resize_standardise(truth["Brats17_B_1"]["images"], (16, 16, 8))
