@@ -173,3 +173,29 @@ def test_architecture_page_names_every_layer():
     page = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
     missing = [p for prefixes in LAYERS for p in prefixes if f"`{p.removeprefix('common.')}" not in page]
     assert not missing, f"docs/architecture.md does not name {missing}"
+
+
+def _replacing_calls(source: str) -> list[str]:
+    """Calls that move a file over another: ``os.replace`` / ``os.rename`` / ``shutil.move`` and
+    ``<path>.replace(<one argument>)`` / ``<path>.rename(...)`` (``str.replace`` takes two arguments)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        name, owner = node.func.attr, node.func.value
+        owner_name = owner.id if isinstance(owner, ast.Name) else ""
+        if (owner_name, name) in {("os", "replace"), ("os", "rename"), ("shutil", "move")}:
+            found.append(f"{owner_name}.{name}")
+        elif name in {"replace", "rename"} and owner_name not in {"os", "shutil"} and len(node.args) == 1:
+            found.append(f".{name}")
+    return found
+
+
+def test_only_common_io_replaces_files():
+    assert _replacing_calls("import os\nos.replace(a, b)\np.rename(q)\ns.replace('a', 'b')\n") == ["os.replace", ".rename"]
+    offenders = {
+        str(path.relative_to(ROOT)): calls
+        for path in COMMON.rglob("*.py")
+        if path != COMMON / "io.py" and (calls := _replacing_calls(path.read_text()))
+    }
+    assert offenders == {}, f"atomic replaces belong in common/io.py: {offenders}"

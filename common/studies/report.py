@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.io import atomic_write_json, atomic_write_text
+from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from common.reporting.plots import render_lines
 
 __all__ = [
     "BEGIN",
@@ -139,10 +140,7 @@ def update_docs(bundle_dir: str | Path, out_dir: str | Path) -> None:
     results = json.loads((out_dir / "results.json").read_text())
     docs = bundle_dir / "docs"
     for p in results.get("plots", []):
-        data = (out_dir / p).read_bytes()
-        tmp = docs / f".{p}.tmp"
-        tmp.write_bytes(data)
-        tmp.replace(docs / p)
+        atomic_write_bytes(docs / p, (out_dir / p).read_bytes())
     atomic_write_json(docs / "results.json", results)
     readme = docs / "README.md"
     atomic_write_text(readme, replace_section(readme.read_text(), render_section(results)))
@@ -179,23 +177,8 @@ def set_top_level_key(text: str, key: str, value: Any) -> str:
 
 
 def line_plot(path: str | Path, title: str, xlabel: str, ylabel: str, series: Mapping[str, tuple[Sequence, Sequence]]) -> None:
-    """A line plot of ``{label: (xs, ys)}`` saved as PNG (matplotlib, Agg backend, fixed metadata so the
-    bytes depend only on the data)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
-    for label, (xs, ys) in series.items():
-        ax.plot(list(xs), list(ys), marker="o", ms=3, label=label)
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    fig.savefig(tmp, format="png", metadata={"Software": None})
-    plt.close(fig)
-    tmp.replace(path)
+    """A line plot of ``{label: (xs, ys)}`` in the project's plot style (:func:`common.reporting.plots.render_lines`),
+    written atomically as PNG."""
+    panel = {"title": title, "xlabel": xlabel, "ylabel": ylabel,
+             "series": [{"label": label, "x": list(xs), "y": list(ys)} for label, (xs, ys) in series.items()]}
+    atomic_write_bytes(path, render_lines([panel], width=5.5, height=3.6))
