@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from monai.utils import set_determinism
 from scipy import stats as sps
@@ -218,11 +217,6 @@ def compare(
           f"(mean difference {np.mean(np.asarray(better) - np.asarray(worse)):+.3f}); one-sided paired Wilcoxon "
           f"signed-rank p = {fmt_p(p)}, n = {len(better)} cases, α = {alpha}")
     return finding(claim, holds, ev)
-
-
-def ce_soft(logits: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of ``logits`` against soft labels (B, K, *spatial), averaged over voxels."""
-    return -(soft * F.log_softmax(logits, dim=1)).sum(1).mean()
 
 
 def phantom_tensors(generator: Callable, n: int, seed: int, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
