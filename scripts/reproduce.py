@@ -6,7 +6,8 @@ BUNDLE is one of ``nlcen_lung``, ``unet3d_brats_distill``, ``resdsn_c2f_pancreas
 ``certified_seg``. Trains the models the paper's experiments need (``common.studies.<bundle>``), attacks them
 with the paper's attack and the worst-case attack, and writes ``DIR/results.json`` (clean Dice, findings
 with their evidence, tables, settings, time, command, commit, date), ``DIR/results.md`` and PNG plots.
-``--quick`` uses smaller phantoms and budgets (≤ 10 min on 2 CPU cores). ``--update_docs`` then copies
+``--quick`` uses smaller phantoms and budgets (its measured CPU time per bundle is in each
+``results.json``'s ``seconds``; the BraTS quick study still needs ≈ 13 CPU-minutes). ``--update_docs`` then copies
 ``results.json`` and the plots to ``bundles/BUNDLE/docs/`` and regenerates the README's section between
 ``<!-- reproduce:begin -->`` and ``<!-- reproduce:end -->`` and ``metadata.json``'s ``robustness_results``.
 ``--docs_only`` regenerates those from the committed ``bundles/BUNDLE/docs/results.json`` without running.
