@@ -12,8 +12,12 @@ attacking the logits divided by T, or a scale-invariant margin loss, removes the
 and ``"margin"`` (:class:`MarginLoss`, invariant to any rescaling of the logits):
 
 (a) ``monotone``: mean Dice under the attack does not increase with ε (clean Dice at ε = 0 included);
-(b) ``large_eps``: at an ε covering the whole input range the attack reaches its goal (mean Dice ≤
-    ``goal_dice``) — an unbounded attacker can draw any image;
+(b) ``large_eps``: at an ε covering the whole input range the strongest attack reaches its goal (mean
+    Dice ≤ ``goal_dice``) — an unbounded attacker can draw any image. Besides ``losses`` it runs the
+    Jensen–Shannon loss of Croce et al. (ECCV 2024) with ``large_eps_steps`` (≥ ``steps``) iterations:
+    cross-entropy keeps pushing pixels that are already wrong and can stall far from the goal even
+    without masking (measured on the demo's NLCEN at ε = 1: CE leaves Dice 0.27 after 100 steps, JS 0.04);
+    the check flags only when every loss leaves Dice above the goal;
 (c) ``iterative_vs_single_step``: the iterative attack is at least as strong as one FGSM step;
 (d) ``noise_weaker``: uniform noise U(−ε, ε) of the same size is weaker than the attack;
 (e) ``transfer_weaker``: the attack crafted on a surrogate and evaluated on the network is weaker than
@@ -155,6 +159,7 @@ def masking_diagnostics(
     clip: Sequence[float] | None = (0.0, 1.0),
     losses: Sequence[str] = ("ce", "margin"),
     steps: int = 20,
+    large_eps_steps: int = 50,
     attack: Callable[[Callable, float, Any], Callable] | None = None,
     surrogate: Callable | None = None,
     temperature: float | None = None,
@@ -205,6 +210,7 @@ def masking_diagnostics(
     tolerance = check_nonnegative(tolerance, "tolerance")
     saturation_threshold = check_probability(saturation_threshold, "saturation_threshold", False)
     steps = check_positive_int(steps, "steps")
+    large_eps_steps = max(steps, check_positive_int(large_eps_steps, "large_eps_steps"))
     if isinstance(losses, str) or not losses:
         raise ValueError(f"losses: expected a non-empty list of loss names, got {losses!r}")
     loss_objs = {name: _attack_loss(name, output) for name in losses}
@@ -217,9 +223,13 @@ def masking_diagnostics(
     if attack is not None and not callable(attack):
         raise ValueError(f"attack: expected a factory (forward, eps, loss) -> attack, got {type(attack)}")
     metric = lambda logits, t: case_dice(logits, t, output=output, classes=classes)  # noqa: E731
+    large_attack = attack
     if attack is None:
         def attack(f, e, loss):
             return APGD(f, e, steps=steps, loss=loss, clip=clip, output=output, metric=metric)
+
+        def large_attack(f, e, loss):
+            return APGD(f, e, steps=large_eps_steps, loss=loss, clip=clip, output=output, metric=metric)
     dice = lambda v: _mean_dice(forward, v, y, output, classes)  # noqa: E731
 
     health = gradient_health(forward, x, y, output)
@@ -251,8 +261,9 @@ def masking_diagnostics(
             single[name].append(dice(FGSM(forward, eps, loss=loss, clip=clip, output=output)(x, y)))
             if surrogate is not None:
                 transfer[name].append(dice(attack(surrogate, eps, loss)(x, y)))
-    for name, loss in loss_objs.items():
-        large[name] = dice(attack(forward, large_eps, loss)(x, y))
+    large_losses = {**loss_objs, "js": loss_objs.get("js", _attack_loss("js", output))}
+    for name, loss in large_losses.items():
+        large[name] = dice(large_attack(forward, large_eps, loss)(x, y))
 
     grid = [0.0, *eps_grid]
     rises = {}
@@ -278,7 +289,7 @@ def masking_diagnostics(
     weaker = beaten(attacked, single)
     noise_stronger = beaten(attacked, noisy)
     transfer_stronger = beaten(attacked, transfer) if surrogate is not None else {}
-    fail_large = {n: large[n] for n in losses if large[n] > goal_dice}
+    fail_large = dict(large) if min(large.values()) > goal_dice else {}
 
     def verdict(found: dict, good: str, bad: str) -> dict[str, Any]:
         names = ", ".join(sorted(found))
@@ -302,8 +313,8 @@ def masking_diagnostics(
                       "Mean Dice rises with ε under the {} attack, which a working attack never allows."),
             "rises": rises},
         "large_eps": {
-            **verdict(fail_large, f"At ε = {large_eps:g} every attack drives mean Dice to ≤ {goal_dice:g}.",
-                      f"At ε = {large_eps:g} the {{}} attack leaves mean Dice above {goal_dice:g}, "
+            **verdict(fail_large, f"At ε = {large_eps:g} the strongest attack drives mean Dice to ≤ {goal_dice:g}.",
+                      f"At ε = {large_eps:g} every attack ({{}}) leaves mean Dice above {goal_dice:g}, "
                       "though an unbounded attacker can draw any image."),
             "eps": large_eps, "dice": large, "goal_dice": goal_dice},
         "iterative_vs_single_step": {
@@ -342,7 +353,7 @@ def masking_diagnostics(
         "surrogate": surrogate_kind,
         "checks": checks,
         "flagged": any(c["passed"] is False for c in checks.values()),
-        "settings": {"tolerance": tolerance, "goal_dice": goal_dice, "large_eps": large_eps, "steps": steps,
+        "settings": {"tolerance": tolerance, "goal_dice": goal_dice, "large_eps": large_eps, "steps": steps, "large_eps_steps": large_eps_steps,
                      "saturation_threshold": saturation_threshold,
                      "clip": list(clip) if clip is not None else None},
     }

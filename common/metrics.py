@@ -257,6 +257,8 @@ def surface_scores(
     p, t = torch.as_tensor(pred).bool(), torch.as_tensor(target).bool()
     with warnings.catch_warnings():  # MONAI warns on empty masks; the rule below decides those cases
         warnings.simplefilter("ignore", UserWarning)
+        # MONAI 1.6.1's surface distance passes its own deprecated ``always_return_as_numpy`` on every call
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
         hd = compute_hausdorff_distance(p.float(), t.float(), include_background=True, percentile=95,
                                         spacing=spacing).double()
         nsd = compute_surface_dice(p.float(), t.float(), [tolerance] * p.shape[1], include_background=True,

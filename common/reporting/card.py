@@ -802,12 +802,19 @@ def _md_code(text: str) -> str:
     return f"{fence}{pad}{text}{pad}{fence}".replace("|", "\\|").replace("\n", " ")
 
 
+def _md_bold(text: str) -> str:
+    """``**text**`` with surrounding white space kept outside the markers (``**pass **`` is not bold)."""
+    core = text.strip()
+    if not core:
+        return text
+    lead, trail = text[: len(text) - len(text.lstrip())], text[len(text.rstrip()):]
+    return f"{lead}**{_md_text(core)}**{trail}"
+
+
 def _md_runs(runs: Sequence[tuple[str, str]]) -> str:
     out = []
     for style, text in runs:
-        out.append(
-            _md_code(text) if style == "code" else f"**{_md_text(text)}**" if style == "b" else _md_text(text)
-        )
+        out.append(_md_code(text) if style == "code" else _md_bold(text) if style == "b" else _md_text(text))
     return "".join(out)
 
 
