@@ -411,22 +411,6 @@ def _find_targets(node: Any, target: str, prefix: str = "") -> list[str]:
     return found
 
 
-def _find_targets(node: Any, target: str, prefix: str = "") -> list[str]:
-    """Config ids of every dict whose ``_target_`` ends with ``target``."""
-    found: list[str] = []
-    if isinstance(node, Mapping):
-        if str(node.get("_target_", "")).split(".")[-1] == target:
-            found.append(prefix)
-        items = node.items()
-    elif isinstance(node, list):
-        items = enumerate(node)
-    else:
-        return found
-    for k, v in items:
-        found += _find_targets(v, target, f"{prefix}#{k}" if prefix else str(k))
-    return found
-
-
 #: keys under which checkpoints keep the network's state dict (MONAI ``CheckpointSaver``, Lightning)
 STATE_KEYS = ("model", "state_dict")
 
