@@ -94,7 +94,7 @@ class APGD(PixelwiseAttack):
         n, alpha = self.steps, self.momentum
         eta = 2 * _per_sample(self.eps, x, "eps")
         bcast = lambda v: _broadcast(v, x, "eta")  # noqa: E731
-        x_k = self.random_start(x, self.generator) if self.random_start_ else x.clone()
+        x_k = self.uniform_start(x, self.generator) if self.random_start_ else x.clone()
         best = BestIterate(self, x)
         f_k, g_k, logits = self.evaluate(x_k, y)
         best.update(x_k, logits, y)

@@ -272,6 +272,12 @@ class Attack(abc.ABC):
             x_adv = x_adv.clamp(*self.clip)
         return x_adv
 
+    def uniform_start(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """A uniform point of the ε-ball around ``x`` (projected into ``clip``)."""
+        eps = _broadcast(self.eps, x, "eps")
+        noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+        return self.project(x + (2 * noise - 1) * eps, x)
+
     def subset(self, index: torch.Tensor) -> "Attack":
         """A shallow copy for the cases ``index`` of a batch (per-sample ε, α ... re-indexed)."""
         new = copy.copy(self)
@@ -344,11 +350,6 @@ class PixelwiseAttack(Attack):
             raise ValueError("forward: the loss gradient with respect to x is not finite")
         return values.detach(), grad, logits.detach()
 
-    def random_start(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """A uniform point of the ε-ball around ``x`` (projected into ``clip``)."""
-        eps = _broadcast(self.eps, x, "eps")
-        noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
-        return self.project(x + (2 * noise - 1) * eps, x)
 
 
 class BestIterate:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from common.attacks.base import Attack, Number, _as_eps, _broadcast
+from common.attacks.base import Attack, Number, _as_eps
 from common.validation import check_clip, check_nonnegative, check_positive_int
 
 __all__ = [
@@ -96,9 +96,7 @@ class IFGSM(Attack):
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x_adv = x
         if self.random_start:
-            eps = _broadcast(self.eps, x, "eps")
-            noise = torch.rand(x.shape, generator=self.generator, dtype=x.dtype, device="cpu").to(x.device)
-            x_adv = self.project(x + (2 * noise - 1) * eps, x)
+            x_adv = self.uniform_start(x, self.generator)
         for _ in range(self.steps):
             x_adv = self.project(self.step(x_adv, y, self.alpha), x)
         return x_adv

@@ -80,7 +80,7 @@ class _WeightedPGD(PixelwiseAttack):
         self.history: dict = {}
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x_adv = self.random_start(x, self.generator) if self.random_start_ else x.clone()
+        x_adv = self.uniform_start(x, self.generator) if self.random_start_ else x.clone()
         best = BestIterate(self, x)
         self.history = {"lambda": []}
         for t in range(self.steps):
