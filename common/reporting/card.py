@@ -21,7 +21,7 @@ import math
 import numbers
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,66 +65,41 @@ FILES = {
 EXAMPLE_FLOATS = ("image", "adversarial", "perturbation")
 EXAMPLE_LABELS = ("label", "pred_clean", "pred_adversarial", "pred_certified")
 
-# Required keys, as nested dicts ending in None; "[]" marks "every element of this list".
-_REQUIRED: dict[str, Any] = {
-    "schema_version": None,
-    "title": None,
-    "created": None,
-    "bundle": {
-        k: None
-        for k in (
-            "root",
-            "name",
-            "version",
-            "config",
-            "checkpoint",
-            "checkpoint_sha256",
-            "network",
-            "spatial_dims",
-            "num_classes",
-        )
-    }
-    | {"inferer": {"type": None, "roi_size": None, "overlap": None, "mode": None}, "class_names": None},
-    "data": {"datalist": None, "num_cases": None, "case_ids": None},
-    "units": {k: None for k in ("input_range", "range_source", "eps_unit", "eps", "eps_input_units")},
-    "settings": {
-        "seed": None,
-        "attacks": None,
-        "certification": {k: None for k in ("sigmas", "n0", "n", "alpha", "tau", "correction", "batch_size")},
-        "wilcoxon": {"alternative": None, "correction": None},
-    },
-    "versions": {k: None for k in ("python", "torch", "monai", "numpy", "robust_seg_monai", "platform")},
-    "clean": {"mean": None, "per_case": None},
-    "attacks": {
-        "[]": {
-            k: None
-            for k in ("name", "eps", "eps_input_units", "mean", "sd", "p_wilcoxon", "p_adjusted", "per_case")
-        }
-    },
-    "certification": {
-        "[]": {
-            k: None for k in ("sigma", "certified_dice", "abstain_fraction", "certified_radius", "per_case")
-        }
-    },
-    "cost": {"clean_forward_s_per_case": None, "parts": None},
-    "examples": {k: None for k in ("case_id", "slice_axis", "slice_index", "attack", "eps", "sigma")},
-    "notes": None,
-}
+def _keys(names: str, **nested: Any) -> dict[str, Any]:
+    """A spec of required keys: the space-separated ``names`` (leaves, ``None``), then ``nested`` specs."""
+    return {**dict.fromkeys(names.split()), **nested}
 
+
+# Required keys, as nested dicts ending in None; "[]" marks "every element of this list".
+_REQUIRED: dict[str, Any] = _keys(
+    "schema_version title created",
+    bundle=_keys("root name version config checkpoint checkpoint_sha256 network spatial_dims num_classes",
+                 inferer=_keys("type roi_size overlap mode"), class_names=None),
+    data=_keys("datalist num_cases case_ids"),
+    units=_keys("input_range range_source eps_unit eps eps_input_units"),
+    settings=_keys("seed attacks", certification=_keys("sigmas n0 n alpha tau correction batch_size"),
+                   wilcoxon=_keys("alternative correction")),
+    versions=_keys("python torch monai numpy robust_seg_monai platform"),
+    clean=_keys("mean per_case"),
+    attacks={"[]": _keys("name eps eps_input_units mean sd p_wilcoxon p_adjusted per_case")},
+    certification={"[]": _keys("sigma certified_dice abstain_fraction certified_radius per_case")},
+    cost=_keys("clean_forward_s_per_case parts"),
+    examples=_keys("case_id slice_axis slice_index attack eps sigma"),
+    notes=None,
+)
 
 # Added in schema 2 (the verdict): the per-case worst case, masking flags (or null), comparison (or null).
-_REQUIRED_V2: dict[str, Any] = {
-    "headline": {
-        "clean": {k: None for k in ("mean", "ci95", "hd95_median", "nsd_mean", "detection")},
-        "eps": {"[]": {k: None for k in ("eps", "eps_input_units", "mean", "ci95", "hd95_median", "nsd_mean",
-                                          "detection", "p_wilcoxon", "p_adjusted", "per_case")}},
-        **{k: None for k in ("n_cases", "interval", "selection", "test", "min_p", "min_p_holm")},
-    },
-    "masking": None,
-    "comparison": None,
-    "settings": {"budget": {k: None for k in ("name", "attacks", "steps", "n0", "n")}},
-    "cost": {"total_s_per_case": None, "total_ratio_to_forward": None},
-}
+_REQUIRED_V2: dict[str, Any] = _keys(
+    "",
+    headline=_keys("", clean=_keys("mean ci95 hd95_median nsd_mean detection"),
+                   eps={"[]": _keys("eps eps_input_units mean ci95 hd95_median nsd_mean detection p_wilcoxon "
+                                    "p_adjusted per_case")},
+                   **_keys("n_cases interval selection test min_p min_p_holm")),
+    masking=None,
+    comparison=None,
+    settings={"budget": _keys("name attacks steps n0 n")},
+    cost=_keys("total_s_per_case total_ratio_to_forward"),
+)
 
 
 @dataclass
@@ -156,23 +131,21 @@ def validate_card(card: Mapping[str, Any]) -> None:
     'sd'``) or wrong container type; check the schema version and that class names are strings."""
     _check_keys(card, _REQUIRED, "card")
     if card["schema_version"] not in SCHEMA_VERSIONS:
-        raise ValueError(f"card['schema_version']: expected one of {SCHEMA_VERSIONS}, got {card['schema_version']!r}")
+        raise ValueError(
+            f"card['schema_version']: expected one of {SCHEMA_VERSIONS}, got {card['schema_version']!r}"
+        )
     if card["schema_version"] >= 2:
         _check_keys(card, _REQUIRED_V2, "card")
     names = card["bundle"]["class_names"]
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise ValueError("card['bundle']['class_names']: expected a non-empty list of strings")
-    for key in ("notes",):
-        if not isinstance(card[key], list):
-            raise ValueError(f"card[{key!r}]: expected a list")
-    for key in ("attacks", "parts"):
-        container = card["settings"]["attacks"] if key == "attacks" else card["cost"]["parts"]
+    if not isinstance(card["notes"], list):
+        raise ValueError("card['notes']: expected a list")
+    for key, container in (("attacks", card["settings"]["attacks"]), ("parts", card["cost"]["parts"])):
         if not isinstance(container, Mapping):
             raise ValueError(f"card[...][{key!r}]: expected a dict")
     for name, part in card["cost"]["parts"].items():
-        for k in ("s_per_case", "ratio_to_forward"):
-            if k not in part:
-                raise ValueError(f"card['cost']['parts'][{name!r}]: missing required key {k!r}")
+        _check_keys(part, _keys("s_per_case ratio_to_forward"), f"card['cost']['parts'][{name!r}]")
 
 
 def validate_examples(examples: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -212,9 +185,21 @@ def _undefined(x: Any) -> bool:
     return x is None or (isinstance(x, numbers.Real) and math.isnan(float(x)))
 
 
-def fmt_value(x: float | None) -> str:
-    """A Dice-like value in [0, 1]: 3 decimals."""
-    return DASH if _undefined(x) else f"{float(x):.3f}"
+def _formatter(spec: str, doc: str) -> Callable[[float | None], str]:
+    """A number format: ``format(x, spec)``, :data:`DASH` for an undefined number."""
+
+    def fmt(x: float | None) -> str:
+        return DASH if _undefined(x) else format(float(x), spec)
+
+    fmt.__doc__ = doc
+    return fmt
+
+
+fmt_value = _formatter(".3f", "A Dice-like value in [0, 1]: 3 decimals.")
+fmt_delta = _formatter("+.3f", "A signed difference with 3 decimals.")
+fmt_num = _formatter(".4g", "ε, σ, radii and ranges: 4 significant digits.")
+fmt_seconds = _formatter(".4g", "Seconds per case: 4 significant digits.")
+fmt_ratio = _formatter(".1f", "Cost relative to one clean forward pass: 1 decimal.")
 
 
 def fmt_mean_sd(mean: float | None, sd: float | None) -> str:
@@ -223,32 +208,9 @@ def fmt_mean_sd(mean: float | None, sd: float | None) -> str:
     return format_mean_sd(mean, sd, 3, DASH)
 
 
-def fmt_delta(x: float | None) -> str:
-    """A signed difference with 3 decimals."""
-    return DASH if _undefined(x) else f"{float(x):+.3f}"
-
-
 def fmt_p(p: float | None) -> str:
     """A p-value: 3 decimals from 0.001 up, else 2 significant digits in scientific notation."""
-    if _undefined(p):
-        return DASH
-    p = float(p)
-    return f"{p:.3f}" if p >= 1e-3 else f"{p:.1e}"
-
-
-def fmt_num(x: float | None) -> str:
-    """ε, σ, radii and ranges: 4 significant digits."""
-    return DASH if _undefined(x) else f"{float(x):.4g}"
-
-
-def fmt_seconds(x: float | None) -> str:
-    """Seconds per case: 4 significant digits."""
-    return DASH if _undefined(x) else f"{float(x):.4g}"
-
-
-def fmt_ratio(x: float | None) -> str:
-    """Cost relative to one clean forward pass: 1 decimal."""
-    return DASH if _undefined(x) else f"{float(x):.1f}"
+    return DASH if _undefined(p) else f"{float(p):.3f}" if float(p) >= 1e-3 else f"{float(p):.1e}"
 
 
 # ---------------------------------------------------------------------------------------------- blocks
@@ -291,8 +253,13 @@ class Code:
     text: str
 
 
-def _plain(text: str) -> tuple[str, str]:
-    return ("", text)
+def _runs(*parts: str | tuple[str, str]) -> list[tuple[str, str]]:
+    """Inline runs: a string is a plain run, a tuple an already styled one (:func:`_code`, :func:`_bold`)."""
+    return [("", p) if isinstance(p, str) else p for p in parts]
+
+
+def _p(*parts: str | tuple[str, str]) -> Para:
+    return Para(_runs(*parts))
 
 
 def _code(text: Any) -> tuple[str, str]:
@@ -314,55 +281,26 @@ def _mean(values: Mapping[str, Any], classes: Sequence[str]) -> str:
 
 def _summary_blocks(card: Mapping[str, Any]) -> list[Any]:
     b, d, u = card["bundle"], card["data"], card["units"]
-    inf = b["inferer"]
-    classes = b["class_names"]
-    shown = (
-        b["name"]
-        if not b.get("display_name") or b["display_name"] == b["name"]
-        else f"{b['display_name']} ({b['name']})"
-    )
-    bundle_runs = [
-        _plain("Bundle "),
-        _bold(shown),
-        _plain(f" version {b['version'] or DASH}, network "),
-        _code(b["network"]),
-        _plain(
-            f", {b['spatial_dims']}-D, {b['num_classes']} classes "
-            f"(foreground scored: {', '.join(classes)}); config "
-        ),
-        _code(b["config"]),
-        _plain(", checkpoint "),
-        _code(b["checkpoint"]) if b["checkpoint"] else _plain("none (weights as initialised)"),
-    ]
-    if b["checkpoint_sha256"]:
-        bundle_runs += [_plain(", SHA-256 "), _code(b["checkpoint_sha256"])]
-    bundle_runs.append(_plain(". Inferer: "))
-    bundle_runs.append(_code(inf["type"]))
+    inf, classes = b["inferer"], b["class_names"]
+    shown = (b["name"] if not b.get("display_name") or b["display_name"] == b["name"]
+             else f"{b['display_name']} ({b['name']})")
     details = [f"{k} {inf[k]}" for k in ("roi_size", "overlap", "mode") if inf.get(k) is not None]
-    bundle_runs.append(_plain(f" ({', '.join(details)})." if details else "."))
-    section = [_plain(", section "), _code(d["section"])] if d.get("section") else []
-    data_runs = [
-        _plain(f"Data: {d['num_cases']} cases from "),
-        _code(d["datalist"]),
-        *section,
-        _plain(": "),
-        _plain(", ".join(str(c) for c in d["case_ids"])),
-        _plain("."),
-    ]
-    unit_runs = [
-        _plain(
-            f"Units: the network input lies in [{fmt_num(u['input_range'][0])}, "
-            f"{fmt_num(u['input_range'][1])}] ("
-        ),
-        _code(u["range_source"]),
-        _plain(
-            f"). ε is given as {u['eps_unit']}: ε ∈ {{{', '.join(fmt_num(e) for e in u['eps'])}}}, "
-            f"i.e. {{{', '.join(fmt_num(e) for e in u['eps_input_units'])}}} in network-input units "
-            f"(what the attacks use). σ is given as {_sigma_unit(card)}; certified radii are ℓ2 "
-            "distances in network-input units."
-        ),
-    ]
-    glance = [[_plain("Clean Dice (mean over cases): " + _mean(card["clean"]["mean"], classes) + ".")]]
+    bundle = _p("Bundle ", _bold(shown), f" version {b['version'] or DASH}, network ", _code(b["network"]),
+                f", {b['spatial_dims']}-D, {b['num_classes']} classes (foreground scored: "
+                f"{', '.join(classes)}); config ", _code(b["config"]), ", checkpoint ",
+                _code(b["checkpoint"]) if b["checkpoint"] else "none (weights as initialised)",
+                *([", SHA-256 ", _code(b["checkpoint_sha256"])] if b["checkpoint_sha256"] else []),
+                ". Inferer: ", _code(inf["type"]), f" ({', '.join(details)})." if details else ".")
+    section = [", section ", _code(d["section"])] if d.get("section") else []
+    data = _p(f"Data: {d['num_cases']} cases from ", _code(d["datalist"]), *section, ": ",
+              ", ".join(str(c) for c in d["case_ids"]), ".")
+    grid = lambda key: ", ".join(fmt_num(e) for e in u[key])  # noqa: E731
+    low, high = (fmt_num(v) for v in u["input_range"][:2])
+    units = _p(f"Units: the network input lies in [{low}, {high}] (", _code(u["range_source"]),
+               f"). ε is given as {u['eps_unit']}: ε ∈ {{{grid('eps')}}}, i.e. "
+               f"{{{grid('eps_input_units')}}} in network-input units (what the attacks use). σ is given as "
+               f"{_sigma_unit(card)}; certified radii are ℓ2 distances in network-input units.")
+    glance = [_runs("Clean Dice (mean over cases): " + _mean(card["clean"]["mean"], classes) + ".")]
     worst = []
     for c in classes:
         scored = [(a["mean"].get(c), a) for a in card["attacks"] if not _undefined(a["mean"].get(c))]
@@ -370,248 +308,112 @@ def _summary_blocks(card: Mapping[str, Any]) -> list[Any]:
             value, a = min(scored, key=lambda t: t[0])
             worst.append(f"{c} {fmt_value(value)} ({a['name']}, ε = {fmt_num(a['eps'])})")
     if worst:
-        glance.append([_plain("Lowest attacked Dice: " + "; ".join(worst) + ".")])
-    for r in sorted(card["certification"], key=lambda r: r["sigma"]):
-        glance.append(
-            [
-                _plain(
-                    f"σ = {fmt_num(r['sigma'])}: certified Dice {_mean(r['certified_dice'], classes)}; "
-                    f"abstain fraction {fmt_value(r['abstain_fraction'])}; "
-                    f"certified radius {fmt_num(r['certified_radius'])}."
-                )
-            ]
-        )
-    return [Para(bundle_runs), Para(data_runs), Para(unit_runs), Heading(3, "At a glance"), Bullets(glance)]
+        glance.append(_runs("Lowest attacked Dice: " + "; ".join(worst) + "."))
+    glance += [_runs(f"σ = {fmt_num(r['sigma'])}: certified Dice {_mean(r['certified_dice'], classes)}; "
+                     f"abstain fraction {fmt_value(r['abstain_fraction'])}; "
+                     f"certified radius {fmt_num(r['certified_radius'])}.")
+               for r in sorted(card["certification"], key=lambda r: r["sigma"])]
+    return [bundle, data, units, Heading(3, "At a glance"), Bullets(glance)]
 
 
 def _clean_table(card: Mapping[str, Any]) -> list[Any]:
-    classes = card["bundle"]["class_names"]
-    per_case = card["clean"]["per_case"]
-    sd = card["clean"].get("sd")
-    if isinstance(sd, Mapping):
-        mean = Table(
-            ["Class", f"Dice mean ± sd over {card['data']['num_cases']} cases"],
-            [[c, fmt_mean_sd(card["clean"]["mean"].get(c), sd.get(c))] for c in classes],
-        )
-    else:
-        mean = Table(
-            ["Class", f"Dice (mean over {card['data']['num_cases']} cases)"],
-            [[c, fmt_value(card["clean"]["mean"].get(c))] for c in classes],
-        )
-    cases = Table(
-        ["Case", *(f"Dice {c}" for c in classes)],
-        [[str(case), *(fmt_value(v.get(c)) for c in classes)] for case, v in per_case.items()],
-        caption="Per case",
-    )
-    return [Heading(2, "Clean Dice"), mean, cases]
+    classes, clean, n = card["bundle"]["class_names"], card["clean"], card["data"]["num_cases"]
+    sd = clean.get("sd")
+    with_sd = isinstance(sd, Mapping)
+    means = clean["mean"]
+    mean = Table(["Class", f"Dice mean ± sd over {n} cases" if with_sd else f"Dice (mean over {n} cases)"],
+                 [[c, fmt_mean_sd(means.get(c), sd.get(c)) if with_sd else fmt_value(means.get(c))]
+                  for c in classes])
+    cases = Table(["Case", *(f"Dice {c}" for c in classes)],
+                  [[str(case), *(fmt_value(v.get(c)) for c in classes)]
+                   for case, v in clean["per_case"].items()], caption="Per case")
+    return [mean, cases]
 
 
 def _attack_tables(card: Mapping[str, Any]) -> list[Any]:
-    classes = card["bundle"]["class_names"]
-    s = card["settings"]
-    unit = card["units"]["eps_unit"]
+    classes, s, clean = card["bundle"]["class_names"], card["settings"], card["clean"]["mean"]
     corr = s["wilcoxon"]["correction"]
-    clean = card["clean"]["mean"]
-    rows = []
-    for a in card["attacks"]:
-        for c in classes:
-            m, cm = a["mean"].get(c), clean.get(c)
-            delta = None if _undefined(m) or _undefined(cm) else float(m) - float(cm)
-            rows.append(
-                [
-                    a["name"],
-                    fmt_num(a["eps"]),
-                    fmt_num(a["eps_input_units"]),
-                    c,
-                    fmt_mean_sd(m, a["sd"].get(c)),
-                    fmt_delta(delta),
-                    fmt_p(a["p_wilcoxon"].get(c)),
-                    fmt_p(a["p_adjusted"].get(c)),
-                ]
-            )
-    main = Table(
-        [
-            "Attack",
-            f"ε ({unit})",
-            "ε (input units)",
-            "Class",
-            "Dice mean ± sd",
-            "Δ vs clean",
-            "p (Wilcoxon)",
-            f"p ({corr}-adjusted)",
-        ],
-        rows,
-    )
-    defs = Table(
-        ["Attack", "Method", "Loss", "Targeted", "Steps", "Step size α", "Target"],
-        [
-            [
-                name,
-                str(cfg.get("attack", DASH)),
-                str(cfg.get("loss", DASH)),
-                str(cfg.get("targeted", DASH)),
-                str(cfg.get("steps", DASH)),
-                str(cfg.get("alpha", DASH)),
-                str(cfg.get("target") or DASH),
-            ]
-            for name, cfg in s["attacks"].items()
-        ],
-        caption="Attack settings",
-    )
-    note = Para(
-        [
-            _plain(
-                f"Wilcoxon signed-rank test of attacked against clean per-case Dice "
-                f"(alternative: {s['wilcoxon']['alternative']}); adjusted p-values use the {corr} "
-                "correction for multiple comparisons; – where a number is undefined (e.g. no non-zero "
-                "difference, too few cases, or a class absent)."
-            )
-        ]
-    )
-    # the strongest ε of every attack, per case
-    strongest = {}
+
+    def delta(m: Any, cm: Any) -> float | None:
+        return None if _undefined(m) or _undefined(cm) else float(m) - float(cm)
+
+    main = Table(["Attack", f"ε ({card['units']['eps_unit']})", "ε (input units)", "Class", "Dice mean ± sd",
+                  "Δ vs clean", "p (Wilcoxon)", f"p ({corr}-adjusted)"],
+                 [[a["name"], fmt_num(a["eps"]), fmt_num(a["eps_input_units"]), c,
+                   fmt_mean_sd(a["mean"].get(c), a["sd"].get(c)),
+                   fmt_delta(delta(a["mean"].get(c), clean.get(c))),
+                   fmt_p(a["p_wilcoxon"].get(c)), fmt_p(a["p_adjusted"].get(c))]
+                  for a in card["attacks"] for c in classes])
+    keys = ("attack", "loss", "targeted", "steps", "alpha")
+    defs = Table(["Attack", "Method", "Loss", "Targeted", "Steps", "Step size α", "Target"],
+                 [[name, *(str(cfg.get(k, DASH)) for k in keys), str(cfg.get("target") or DASH)]
+                  for name, cfg in s["attacks"].items()], caption="Attack settings")
+    note = _p(f"Wilcoxon signed-rank test of attacked against clean per-case Dice (alternative: "
+              f"{s['wilcoxon']['alternative']}); adjusted p-values use the {corr} correction for multiple "
+              "comparisons; – where a number is undefined (e.g. no non-zero difference, too few cases, or a "
+              "class absent).")
+    strongest = {}  # the strongest ε of every attack, per case
     for a in card["attacks"]:
         if a["name"] not in strongest or a["eps"] > strongest[a["name"]]["eps"]:
             strongest[a["name"]] = a
-    per_case_rows = []
-    for case in card["clean"]["per_case"]:
-        row = [str(case)]
-        for a in strongest.values():
-            vals = a["per_case"].get(case, {})
-            row += [fmt_value(vals.get(c)) for c in classes]
-        per_case_rows.append(row)
-    per_case = Table(
-        ["Case", *(f"{a['name']} ε={fmt_num(a['eps'])}: {c}" for a in strongest.values() for c in classes)],
-        per_case_rows,
-        caption="Per case, strongest ε of each attack",
-    )
-    return [
-        Heading(2, "Adversarial attacks"),
-        main,
-        note,
-        defs,
-        per_case,
-        Image("dice_vs_eps", "Dice against ε, one line per attack"),
-    ]
+    columns = [(a, c) for a in strongest.values() for c in classes]
+    per_case = Table(["Case", *(f"{a['name']} ε={fmt_num(a['eps'])}: {c}" for a, c in columns)],
+                     [[str(case), *(fmt_value(a["per_case"].get(case, {}).get(c)) for a, c in columns)]
+                      for case in card["clean"]["per_case"]], caption="Per case, strongest ε of each attack")
+    return [main, note, defs, per_case, Image("dice_vs_eps", "Dice against ε, one line per attack")]
 
 
 def _cert_tables(card: Mapping[str, Any]) -> list[Any]:
-    classes = card["bundle"]["class_names"]
-    c = card["settings"]["certification"]
+    classes, c = card["bundle"]["class_names"], card["settings"]["certification"]
     entries = sorted(card["certification"], key=lambda r: r["sigma"])
     in_input = "sigma_input_units" in card["units"] and all("sigma_input_units" in r for r in entries)
-    rows = [
-        [
-            fmt_num(r["sigma"]),
-            *([fmt_num(r["sigma_input_units"])] if in_input else []),
-            *(fmt_value(r["certified_dice"].get(k)) for k in classes),
-            fmt_value(r["abstain_fraction"]),
-            fmt_num(r["certified_radius"]),
-        ]
-        for r in entries
-    ]
-    sigma_headers = (
-        [f"σ ({_sigma_unit(card)})", "σ (input units)"] if in_input else [f"σ ({_sigma_unit(card)})"]
-    )
-    table = Table(
-        [
-            *sigma_headers,
-            *(f"Certified Dice {k}" for k in classes),
-            "Abstain fraction",
-            "Certified radius (ℓ2, input units)",
-        ],
-        rows,
-    )
-    note = Para(
-        [
-            _plain(
-                f"Randomized smoothing (SegCertify): n0 = {c['n0']} selection draws, n = {c['n']} "
-                f"estimation draws, α = {c['alpha']}, τ = {c['tau']}, {c['correction']} correction over "
-                f"pixels, batch size {c['batch_size']}. Certified Dice ignores abstained pixels; the "
-                "radius R = σ·Φ⁻¹(τ) holds for every certified pixel."
-            )
-        ]
-    )
-    return [
-        Heading(2, "Certification"),
-        table,
-        note,
-        Image("certified_dice_vs_sigma", "Certified Dice and abstain fraction against σ"),
-    ]
+    table = Table([f"σ ({_sigma_unit(card)})", *(["σ (input units)"] if in_input else []),
+                   *(f"Certified Dice {k}" for k in classes), "Abstain fraction",
+                   "Certified radius (ℓ2, input units)"],
+                  [[fmt_num(r["sigma"]), *([fmt_num(r["sigma_input_units"])] if in_input else []),
+                    *(fmt_value(r["certified_dice"].get(k)) for k in classes),
+                    fmt_value(r["abstain_fraction"]), fmt_num(r["certified_radius"])] for r in entries])
+    note = _p(f"Randomized smoothing (SegCertify): n0 = {c['n0']} selection draws, n = {c['n']} "
+              f"estimation draws, α = {c['alpha']}, τ = {c['tau']}, {c['correction']} correction over "
+              f"pixels, batch size {c['batch_size']}. Certified Dice ignores abstained pixels; the radius "
+              "R = σ·Φ⁻¹(τ) holds for every certified pixel.")
+    return [table, note, Image("certified_dice_vs_sigma", "Certified Dice and abstain fraction against σ")]
 
 
 def _cost_table(card: Mapping[str, Any]) -> list[Any]:
     cost = card["cost"]
     rows = [["clean forward", fmt_seconds(cost["clean_forward_s_per_case"]), fmt_ratio(1.0)]]
-    rows += [
-        [name, fmt_seconds(p["s_per_case"]), fmt_ratio(p["ratio_to_forward"])]
-        for name, p in cost["parts"].items()
-    ]
-    return [
-        Heading(2, "Cost"),
-        Table(["Part", "Seconds per case", "× clean forward"], rows),
-        Para([_plain("Wall-clock time on the machine that produced the card (see Versions).")]),
-    ]
+    rows += [[name, fmt_seconds(p["s_per_case"]), fmt_ratio(p["ratio_to_forward"])]
+             for name, p in cost["parts"].items()]
+    return [Table(["Part", "Seconds per case", "× clean forward"], rows),
+            _p("Wall-clock time on the machine that produced the card (see Versions).")]
 
 
 def _examples_blocks(card: Mapping[str, Any]) -> list[Any]:
     e = card["examples"]
     where = f"Case {e['case_id']}"
     if e.get("slice_axis") is not None:
-        where += (
-            f", slice {e['slice_index']} along axis {e['slice_axis']} (the slice with the most foreground)"
-        )
-    return [
-        Heading(2, "Examples"),
-        Para(
-            [
-                _plain(
-                    f"{where}; attack {e['attack']} at ε = {fmt_num(e['eps'])}; certification at "
-                    f"σ = {fmt_num(e['sigma'])}. Abstained pixels (label −1) are magenta."
-                )
-            ]
-        ),
-        Image("examples", "Clean, adversarial, perturbation, label, predictions and abstentions"),
-    ]
+        where += (f", slice {e['slice_index']} along axis {e['slice_axis']} "
+                  "(the slice with the most foreground)")
+    return [_p(f"{where}; attack {e['attack']} at ε = {fmt_num(e['eps'])}; certification at σ = "
+               f"{fmt_num(e['sigma'])}. Abstained pixels (label −1) are magenta."),
+            Image("examples", "Clean, adversarial, perturbation, label, predictions and abstentions")]
 
 
 def _reproduce_blocks(card: Mapping[str, Any]) -> list[Any]:
-    v = card["versions"]
-    out: list[Any] = [Heading(2, "Settings and versions for reproduction")]
+    out: list[Any] = []
     command = card.get("command") or card["settings"].get("command")
     if command:
-        out += [
-            Para([_plain("Command:")]),
-            Code(command if isinstance(command, str) else " ".join(map(str, command))),
-        ]
-    out += [
-        Para(
-            [
-                _plain(f"Seed {card['settings']['seed']}; bundle root "),
-                _code(card["bundle"]["root"]),
-                _plain(f"; card created {card['created']} (schema version {card['schema_version']})."),
-            ]
-        ),
-        Table(["Component", "Version"], [[k, str(v[k])] for k in v]),
-    ]
+        out += [_p("Command:"), Code(command if isinstance(command, str) else " ".join(map(str, command)))]
+    out += [_p(f"Seed {card['settings']['seed']}; bundle root ", _code(card["bundle"]["root"]),
+               f"; card created {card['created']} (schema version {card['schema_version']})."),
+            Table(["Component", "Version"], [[k, str(v)] for k, v in card["versions"].items()])]
     cache = card.get("cache")
     if isinstance(cache, Mapping) and cache.get("dir"):
-        out.append(
-            Para(
-                [
-                    _plain("Per-case results are cached in "),
-                    _code(cache["dir"]),
-                    _plain(
-                        f" ({cache.get('reused_cases', DASH)} reused, {cache.get('computed_cases', DASH)} "
-                        "computed for this card)."
-                    ),
-                ]
-            )
-        )
-    out += [Para([_plain("Settings (exactly as run):")]), Code(_compact_json(card["settings"]))]
-    return out
-
-
+        out.append(_p("Per-case results are cached in ", _code(cache["dir"]),
+                      f" ({cache.get('reused_cases', DASH)} reused, "
+                      f"{cache.get('computed_cases', DASH)} computed for this card)."))
+    return out + [_p("Settings (exactly as run):"), Code(_compact_json(card["settings"]))]
 def _compact_json(obj: Any, indent: int = 2, expand_depth: int = 2, _depth: int = 0) -> str:
     """JSON with the outer ``expand_depth`` levels of dicts one key a line and everything deeper inline."""
     if not isinstance(obj, Mapping) or not obj or _depth >= expand_depth:
@@ -635,32 +437,31 @@ def _verdict_blocks(card: Mapping[str, Any]) -> list[Any]:
     budget, n = s["budget"], h["n_cases"]
     out: list[Any] = [
         Heading(2, "Verdict"),
-        Para([_bold(f"{card['bundle']['name']}: "),
-              _plain(f"{n} cases; budget {budget['name']} (attacks: {', '.join(budget['attacks'])}; I-FGSM "
-                     f"steps {budget['steps']};{_members(s)} certification n0 = {budget['n0']}, n = {budget['n']})."
-                     " Robust "
-                     f"Dice = {h['selection']}. Intervals: {h['interval']}. Tests: {h['test']}; with {n} cases "
-                     f"the smallest p reachable is {fmt_p(h['min_p'])} (exact two-sided Wilcoxon: 2/2^{n}), "
-                     f"{fmt_p(h['min_p_holm'])} after Holm over the {len(h['eps'])} ε values.")]),
+        _p(_bold(f"{card['bundle']['name']}: "),
+           f"{n} cases; budget {budget['name']} (attacks: {', '.join(budget['attacks'])}; I-FGSM steps "
+           f"{budget['steps']};{_members(s)} certification n0 = {budget['n0']}, n = {budget['n']}). "
+           f"Robust Dice = {h['selection']}. Intervals: {h['interval']}. Tests: {h['test']}; with {n} cases "
+           f"the smallest p reachable is {fmt_p(h['min_p'])} (exact two-sided Wilcoxon: 2/2^{n}), "
+           f"{fmt_p(h['min_p_holm'])} after Holm over the {len(h['eps'])} ε values."),
+        Image("dice_vs_eps", "Dice against ε: the per-case worst case (black, 95 % interval) and "
+                             "each attack (mean ± sd)"),
     ]
-    out.append(Image("dice_vs_eps", "Dice against ε: the per-case worst case (black, 95 % interval) and "
-                                        "each attack (mean ± sd)"))
-    rows = []
+    clean, rows = h["clean"], []
     for k in classes:
-        rows.append([k, "0 (clean)", f"{fmt_value(h['clean']['mean'][k])} {_ci(h['clean']['ci95'][k])}", DASH,
-                     fmt_num(h["clean"]["hd95_median"][k]), fmt_value(h["clean"]["nsd_mean"][k]), DASH, DASH])
-        for e in h["eps"]:
-            cm, m = h["clean"]["mean"][k], e["mean"][k]
-            rows.append([k, fmt_num(e["eps"]), f"{fmt_value(m)} {_ci(e['ci95'][k])}", fmt_delta(m - cm),
-                         fmt_num(e["hd95_median"][k]), fmt_value(e["nsd_mean"][k]), fmt_p(e["p_wilcoxon"][k]),
-                         fmt_p(e["p_adjusted"][k])])
-    spacing = s.get("spacing")
-    out.append(Table(["Class", f"ε ({card['units']['eps_unit']})", "Dice mean [95 % CI]", "Δ vs clean",
-                      "HD95 median" + (" (mm)" if spacing else " (voxels)"), "NSD mean", "p (Wilcoxon)",
-                      "p (Holm)"], rows, caption="Clean and worst-case robust Dice per class"))
+        rows.append([k, "0 (clean)", f"{fmt_value(clean['mean'][k])} {_ci(clean['ci95'][k])}", DASH,
+                     fmt_num(clean["hd95_median"][k]), fmt_value(clean["nsd_mean"][k]), DASH, DASH])
+        rows += [[k, fmt_num(e["eps"]), f"{fmt_value(e['mean'][k])} {_ci(e['ci95'][k])}",
+                  fmt_delta(e["mean"][k] - clean["mean"][k]), fmt_num(e["hd95_median"][k]),
+                  fmt_value(e["nsd_mean"][k]), fmt_p(e["p_wilcoxon"][k]), fmt_p(e["p_adjusted"][k])]
+                 for e in h["eps"]]
+    hd95 = "HD95 median" + (" (mm)" if s.get("spacing") else " (voxels)")
+    out.append(Table(["Class", f"ε ({card['units']['eps_unit']})", "Dice mean [95 % CI]", "Δ vs clean", hd95,
+                      "NSD mean", "p (Wilcoxon)", "p (Holm)"], rows,
+                     caption="Clean and worst-case robust Dice per class"))
     cert = sorted(card["certification"], key=lambda r: r["sigma"])
     if cert:
-        out.append(Table([f"σ ({_sigma_unit(card)})", *(f"Certified Dice {k}" for k in classes), "Abstain fraction"],
+        out.append(Table([f"σ ({_sigma_unit(card)})", *(f"Certified Dice {k}" for k in classes),
+                          "Abstain fraction"],
                          [[fmt_num(r["sigma"]),
                            *(fmt_value(r["certified_dice"].get(k)) if r["abstain_fraction"] < 1 else
                              f"{DASH} (every pixel abstained)" for k in classes),
@@ -668,24 +469,21 @@ def _verdict_blocks(card: Mapping[str, Any]) -> list[Any]:
                          caption="Randomized-smoothing certification (abstained pixels ignored)"))
     m = card.get("masking")
     if m:
-        items = [[_bold("FLAG " if c["passed"] is False else "pass " if c["passed"] else "not run "),
-                  _plain(f"{name}: {c['reason']}")] for name, c in m["checks"].items()]
-        out += [Para([_bold("Gradient-masking checks: " + ("FLAGGED" if m["flagged"] else "no flag")),
-                      _plain(f" (APGD, {m['steps']} steps, on case {m['case']}; clean Dice "
-                             f"{fmt_value(m.get('clean_dice'))}; {_masking_numbers(m)}).")]), Bullets(items)]
+        items = [_runs(_bold("FLAG " if c["passed"] is False else "pass " if c["passed"] else "not run "),
+                       f"{name}: {c['reason']}") for name, c in m["checks"].items()]
+        out += [_p(_bold("Gradient-masking checks: " + ("FLAGGED" if m["flagged"] else "no flag")),
+                   f" (APGD, {m['steps']} steps, on case {m['case']}; clean Dice "
+                   f"{fmt_value(m.get('clean_dice'))}; {_masking_numbers(m)})."), Bullets(items)]
     else:
-        out.append(Para([_plain("Gradient-masking checks: not run.")]))
+        out.append(_p("Gradient-masking checks: not run."))
     cost = card["cost"]
-    out.append(Para([_bold("Cost per case: "),
-                     _plain(f"{fmt_seconds(cost['total_s_per_case'])} s = {fmt_ratio(cost['total_ratio_to_forward'])}"
-                            f" clean forwards of {fmt_seconds(cost['clean_forward_s_per_case'])} s; per part in "
-                            "the Cost section.")]))
+    out.append(_p(_bold("Cost per case: "),
+                  f"{fmt_seconds(cost['total_s_per_case'])} s = {fmt_ratio(cost['total_ratio_to_forward'])} "
+                  f"clean forwards of {fmt_seconds(cost['clean_forward_s_per_case'])} s; per part in the "
+                  "Cost section."))
     det = _detection_table(card)
-    if det:
-        out.append(det)
-    if card.get("comparison"):
-        out += _comparison_blocks(card["comparison"])
-    return out
+    out += [det] if det else []
+    return out + (_comparison_blocks(card["comparison"]) if card.get("comparison") else [])
 
 
 def _masking_numbers(m: Mapping[str, Any]) -> str:
@@ -729,12 +527,12 @@ def _detection_table(card: Mapping[str, Any]) -> Table | None:
 
 def _comparison_blocks(cmp: Mapping[str, Any]) -> list[Any]:
     rows = [[r["what"], DASH if r["eps"] is None else fmt_num(r["eps"]), r["class"], fmt_value(r["this"]),
-             fmt_value(r["other"]), fmt_delta(r["difference"]), fmt_p(r["p_wilcoxon"]), fmt_p(r["p_adjusted"])]
-            for r in cmp["rows"]]
-    n = len(cmp["shared_cases"])
-    return [Para([_bold("Compared with "), _code(cmp["other"]["card"]),
-                  _plain(f" ({cmp['other'].get('title') or DASH}) on {n} shared cases: {cmp['test']}; smallest "
-                         f"p reachable {fmt_p(cmp['min_p'])}, after Holm {fmt_p(cmp['min_p_holm'])}.")]),
+             fmt_value(r["other"]), fmt_delta(r["difference"]), fmt_p(r["p_wilcoxon"]),
+             fmt_p(r["p_adjusted"])] for r in cmp["rows"]]
+    return [_p(_bold("Compared with "), _code(cmp["other"]["card"]),
+               f" ({cmp['other'].get('title') or DASH}) on {len(cmp['shared_cases'])} shared cases: "
+               f"{cmp['test']}; smallest p reachable {fmt_p(cmp['min_p'])}, after Holm "
+               f"{fmt_p(cmp['min_p_holm'])}."),
             Table(["Metric", "ε", "Class", "This model", "Other model", "Δ (this − other)", "p (Wilcoxon)",
                    "p (Holm)"], rows, caption="Side by side, paired on shared case ids")]
 
@@ -749,27 +547,24 @@ def _headline_per_case(card: Mapping[str, Any]) -> list[Any]:
 
 def card_blocks(card: Mapping[str, Any], images: Mapping[str, bytes] | None = None) -> list[Any]:
     """The card as an ordered list of blocks; ``images`` maps FILES keys to PNG bytes (for the HTML).
-    Schema 2: the verdict first, every detail folded below it."""
-    images = images or {}
-    notes = card["notes"]
-    details = [
-        Fold("Bundle, data and units", [*_summary_blocks(card)]),
-        Fold("Notes and caveats", [Bullets([[_plain(str(n))] for n in notes]) if notes else Para([_plain("None.")])]),
-        Fold("Clean Dice", _clean_table(card)[1:]),
-        Fold("Each attack", [b for b in _attack_tables(card)[1:]
-                             if not (isinstance(b, Image) and "headline" in card)]),
-        Fold("Certification", _cert_tables(card)[1:]),
-        Fold("Cost", _cost_table(card)[1:]),
-        Fold("Examples", _examples_blocks(card)[1:]),
-        Fold("Settings and versions for reproduction", _reproduce_blocks(card)[1:]),
-    ]
+    Schema 2: the verdict first, every detail folded below it; schema 1: one section after another."""
+    notes = [Bullets([_runs(str(n)) for n in card["notes"]]) if card["notes"] else _p("None.")]
+    attacks = _attack_tables(card)
+    # (schema-1 heading, schema-2 fold title, blocks); the folds leave the attack plot to the verdict
+    sections = [("Clean Dice", "Clean Dice", _clean_table(card)),
+                (None, "Worst case per case", _headline_per_case(card) if "headline" in card else []),
+                ("Adversarial attacks", "Each attack", attacks),
+                ("Certification", "Certification", _cert_tables(card)),
+                ("Cost", "Cost", _cost_table(card)), ("Examples", "Examples", _examples_blocks(card)),
+                ("Settings and versions for reproduction",) * 2 + (_reproduce_blocks(card),)]
     if "headline" in card:
-        details.insert(3, Fold("Worst case per case", _headline_per_case(card)))
-        blocks: list[Any] = [Heading(1, card["title"]), *_verdict_blocks(card), Heading(2, "Details"), *details]
+        folds = [Fold("Bundle, data and units", _summary_blocks(card)), Fold("Notes and caveats", notes)]
+        folds += [Fold(title, body if body is not attacks else body[:-1]) for _, title, body in sections]
+        blocks: list[Any] = [Heading(1, card["title"]), *_verdict_blocks(card), Heading(2, "Details"), *folds]
     else:
-        blocks = [Heading(1, card["title"]), *_summary_blocks(card), Heading(3, "Notes and caveats"),
-                  *details[1].blocks, *_clean_table(card), *_attack_tables(card), *_cert_tables(card),
-                  *_cost_table(card), *_examples_blocks(card), *_reproduce_blocks(card)]
+        blocks = [Heading(1, card["title"]), *_summary_blocks(card), Heading(3, "Notes and caveats"), *notes]
+        blocks += [b for head, _, body in sections if head for b in (Heading(2, head), *body)]
+    images = images or {}
     for block in _flat(blocks):
         if isinstance(block, Image):
             block.data = images.get(block.key, b"")
@@ -783,6 +578,13 @@ def _flat(blocks: Sequence[Any]) -> list[Any]:
     return out
 
 
+def _render(formats: Mapping[type, Callable[[Any], str]], blk: Any) -> str:
+    """``blk`` in one output format: ``formats`` maps each block type to its renderer."""
+    if type(blk) not in formats:
+        raise TypeError(f"unknown block {blk!r}")
+    return formats[type(blk)](blk)
+
+
 # ---------------------------------------------------------------------------------------------- markdown
 
 # Always special: \ ` * [ ] < > & | ~; "_" only where it can open or close emphasis (not inside a word).
@@ -794,11 +596,14 @@ def _md_text(text: str) -> str:
     return _MD_SPECIAL.sub(r"\\\1", text).replace("\n", " ")
 
 
+def _fence(text: str, shortest: int = 1) -> str:
+    """A run of backticks longer than any inside ``text`` (and at least ``shortest``)."""
+    return "`" * max(shortest, 1 + max((len(r) for r in re.findall(r"`+", text)), default=0))
+
+
 def _md_code(text: str) -> str:
     """An inline code span whose fence is longer than any backtick run inside; ``|`` escaped (GFM tables)."""
-    runs = [len(r) for r in re.findall(r"`+", text)]
-    fence = "`" * (max(runs, default=0) + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    fence, pad = _fence(text), " " if text.startswith("`") or text.endswith("`") else ""
     return f"{fence}{pad}{text}{pad}{fence}".replace("|", "\\|").replace("\n", " ")
 
 
@@ -812,43 +617,32 @@ def _md_bold(text: str) -> str:
 
 
 def _md_runs(runs: Sequence[tuple[str, str]]) -> str:
-    out = []
-    for style, text in runs:
-        out.append(_md_code(text) if style == "code" else _md_bold(text) if style == "b" else _md_text(text))
-    return "".join(out)
+    return "".join(_md_code(t) if style == "code" else _md_bold(t) if style == "b" else _md_text(t)
+                   for style, t in runs)
 
 
-def _md_cell(text: str) -> str:
+def _md_table(blk: Table) -> str:
     # numbers and "–" pass through unchanged; user strings are escaped
-    return _md_text(text)
+    lines = [f"*{_md_text(blk.caption)}*", ""] if blk.caption else []
+    lines += ["| " + " | ".join(map(_md_text, blk.headers)) + " |",
+              "|" + "|".join("---" for _ in blk.headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(_md_text, row)) + " |" for row in blk.rows])
+
+
+_MARKDOWN: dict[type, Callable[[Any], str]] = {
+    Heading: lambda b: "#" * b.level + " " + _md_text(b.text),
+    Para: lambda b: _md_runs(b.runs),
+    Bullets: lambda b: "\n".join("- " + _md_runs(item) for item in b.items),
+    Table: _md_table,
+    Image: lambda b: f"![{_md_text(b.alt)}]({FILES[b.key]})",
+    Code: lambda b: f"{_fence(b.text, 3)}\n{b.text}\n{_fence(b.text, 3)}",
+    Fold: lambda b: "### " + _md_text(b.title) + "\n\n" + to_markdown(b.blocks).rstrip("\n"),
+}
 
 
 def to_markdown(blocks: Sequence[Any]) -> str:
     """GitHub-flavoured Markdown of ``blocks``; images reference the PNG files beside the page."""
-    parts: list[str] = []
-    for blk in blocks:
-        if isinstance(blk, Heading):
-            parts.append("#" * blk.level + " " + _md_text(blk.text))
-        elif isinstance(blk, Para):
-            parts.append(_md_runs(blk.runs))
-        elif isinstance(blk, Bullets):
-            parts.append("\n".join("- " + _md_runs(item) for item in blk.items))
-        elif isinstance(blk, Table):
-            lines = [f"*{_md_text(blk.caption)}*", ""] if blk.caption else []
-            lines.append("| " + " | ".join(_md_cell(h) for h in blk.headers) + " |")
-            lines.append("|" + "|".join("---" for _ in blk.headers) + "|")
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in blk.rows]
-            parts.append("\n".join(lines))
-        elif isinstance(blk, Image):
-            parts.append(f"![{_md_text(blk.alt)}]({FILES[blk.key]})")
-        elif isinstance(blk, Code):
-            fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", blk.text)), default=0))
-            parts.append(f"{fence}\n{blk.text}\n{fence}")
-        elif isinstance(blk, Fold):
-            parts.append("### " + _md_text(blk.title) + "\n\n" + to_markdown(blk.blocks).rstrip("\n"))
-        else:
-            raise TypeError(f"unknown block {blk!r}")
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join(_render(_MARKDOWN, blk) for blk in blocks) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------- html
@@ -880,16 +674,33 @@ def _h(text: Any) -> str:
 
 
 def _html_runs(runs: Sequence[tuple[str, str]]) -> str:
-    out = []
-    for style, text in runs:
-        out.append(
-            f"<code>{_h(text)}</code>"
-            if style == "code"
-            else f"<strong>{_h(text)}</strong>"
-            if style == "b"
-            else _h(text)
-        )
-    return "".join(out)
+    tags = {"code": "code", "b": "strong"}
+    return "".join(f"<{tags[s]}>{_h(t)}</{tags[s]}>" if s in tags else _h(t) for s, t in runs)
+
+
+def _html_table(blk: Table) -> str:
+    cap = f"<caption>{_h(blk.caption)}</caption>" if blk.caption else ""
+    head = "<tr>" + "".join(f"<th>{_h(x)}</th>" for x in blk.headers) + "</tr>"
+    rows = "".join("<tr>" + "".join(f"<td>{_h(x)}</td>" for x in row) + "</tr>" for row in blk.rows)
+    return f"<table>{cap}<thead>{head}</thead><tbody>{rows}</tbody></table>"
+
+
+def _html_image(blk: Image) -> str:
+    if not blk.data:
+        raise ValueError(f"images: no PNG bytes for {blk.key!r}")
+    uri = "data:image/png;base64," + base64.b64encode(blk.data).decode("ascii")
+    return f'<figure><img src="{uri}" alt="{_h(blk.alt)}"><figcaption>{_h(blk.alt)}</figcaption></figure>'
+
+
+_HTML: dict[type, Callable[[Any], str]] = {
+    Heading: lambda b: f"<h{b.level}>{_h(b.text)}</h{b.level}>",
+    Para: lambda b: f"<p>{_html_runs(b.runs)}</p>",
+    Bullets: lambda b: "<ul>" + "".join(f"<li>{_html_runs(i)}</li>" for i in b.items) + "</ul>",
+    Table: _html_table,
+    Image: _html_image,
+    Code: lambda b: f"<pre><code>{_h(b.text)}</code></pre>",
+    Fold: lambda b: f"<details><summary>{_h(b.title)}</summary>\n{_html_body(b.blocks)}\n</details>",
+}
 
 
 def to_html(blocks: Sequence[Any], title: str) -> str:
@@ -905,34 +716,7 @@ def to_html(blocks: Sequence[Any], title: str) -> str:
 
 
 def _html_body(blocks: Sequence[Any]) -> str:
-    body: list[str] = []
-    for blk in blocks:
-        if isinstance(blk, Heading):
-            body.append(f"<h{blk.level}>{_h(blk.text)}</h{blk.level}>")
-        elif isinstance(blk, Para):
-            body.append(f"<p>{_html_runs(blk.runs)}</p>")
-        elif isinstance(blk, Bullets):
-            body.append("<ul>" + "".join(f"<li>{_html_runs(i)}</li>" for i in blk.items) + "</ul>")
-        elif isinstance(blk, Table):
-            cap = f"<caption>{_h(blk.caption)}</caption>" if blk.caption else ""
-            head = "<tr>" + "".join(f"<th>{_h(x)}</th>" for x in blk.headers) + "</tr>"
-            rows = "".join("<tr>" + "".join(f"<td>{_h(x)}</td>" for x in row) + "</tr>" for row in blk.rows)
-            body.append(f"<table>{cap}<thead>{head}</thead><tbody>{rows}</tbody></table>")
-        elif isinstance(blk, Image):
-            if not blk.data:
-                raise ValueError(f"images: no PNG bytes for {blk.key!r}")
-            uri = "data:image/png;base64," + base64.b64encode(blk.data).decode("ascii")
-            body.append(
-                f'<figure><img src="{uri}" alt="{_h(blk.alt)}"><figcaption>{_h(blk.alt)}</figcaption>'
-                "</figure>"
-            )
-        elif isinstance(blk, Code):
-            body.append(f"<pre><code>{_h(blk.text)}</code></pre>")
-        elif isinstance(blk, Fold):
-            body.append(f"<details><summary>{_h(blk.title)}</summary>\n{_html_body(blk.blocks)}\n</details>")
-        else:
-            raise TypeError(f"unknown block {blk!r}")
-    return "\n".join(body)
+    return "\n".join(_render(_HTML, blk) for blk in blocks)
 
 
 # ---------------------------------------------------------------------------------------------- entry

@@ -92,13 +92,13 @@ def _style(ax: Any, xlabel: str, ylabel: str, title: str = "", legend: bool = Tr
 
 
 def _band(ax: Any, xs: Sequence[float], means: Sequence[float], sds: Sequence[float] | None, label: str,
-          **kwargs: Any) -> None:
-    """A line with markers and its ± sd band (undefined sds: no band)."""
+          alpha: float = 0.15, **kwargs: Any) -> None:
+    """A line with markers and its ± sd band of opacity ``alpha`` (undefined sds: no band)."""
     means = np.asarray(means, dtype=np.float64)
     (line,) = ax.plot(xs, means, marker=kwargs.pop("marker", "o"), label=_text(label), **kwargs)
     if sds is not None:
         sds = np.nan_to_num(np.asarray(sds, dtype=np.float64), nan=0.0)
-        ax.fill_between(xs, means - sds, means + sds, color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.fill_between(xs, means - sds, means + sds, color=line.get_color(), alpha=alpha, linewidth=0)
 
 
 def render_lines(panels: Sequence[Mapping[str, Any]], width: float = 5.0, height: float = 4.0) -> bytes:
@@ -193,9 +193,7 @@ def dice_vs_eps_png(card: Mapping[str, Any]) -> bytes:
             xs = np.array([0.0] + [float(a["eps"]) for a in rows])
             means = np.concatenate([clean[panel], _class_series([a["mean"] for a in rows], classes)[panel]])
             sds = np.concatenate([[0.0], _class_series([a["sd"] for a in rows], classes)[panel]])
-            sds = np.nan_to_num(sds, nan=0.0)
-            (line,) = ax.plot(xs, means, marker="o", label=_text(name))
-            ax.fill_between(xs, means - sds, means + sds, color=line.get_color(), alpha=0.12, linewidth=0)
+            _band(ax, xs, means, sds, name, alpha=0.12)
         head = card.get("headline")
         if head and head["eps"]:
             entries = sorted(head["eps"], key=lambda e: e["eps"])
@@ -209,11 +207,7 @@ def dice_vs_eps_png(card: Mapping[str, Any]) -> bytes:
                                     linewidth=0)
         ax.axhline(clean[panel][0], color="0.4", linestyle=":", linewidth=1, label="clean")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel(f"ε ({eps_unit})", fontsize=8)
-        ax.set_ylabel("Dice")
-        ax.set_title(_text(panel))
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="best", fontsize=7)
+        _style(ax, f"ε ({eps_unit})", "Dice", panel)
     return png_bytes(fig)
 
 
