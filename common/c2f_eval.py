@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.evaluation.engine import Model, Scoring, clean, evaluate
-from common.io import check_writable, write_report_set
+from common.evaluation.engine import Model, Scoring, clean, evaluate, run_and_write
+from common.io import write_report_set
 from common.metrics import EMPTY_CLASS_RULE
 from common.report import csv_text
 from common.reporting.paper_tables import drop_table, timing_table, write_drop_table
@@ -52,16 +52,23 @@ def timed_evaluation(
     Seconds are per batch divided by its size: wall-clock (``seconds``, the paper's testing time) and the
     CPU time of this process over all its threads (``cpu_seconds``, ``time.process_time``), which other
     processes on a shared machine disturb far less than the wall clock. Writes ``per_case.csv`` (case_id,
-    pipeline, seconds, cpu_seconds, every score), ``summary.json`` and ``summary.md`` to ``output_dir``;
-    returns the summary.
+    pipeline, seconds, cpu_seconds, every score), ``summary.json`` and ``summary.md`` to ``output_dir`` (rank 0
+    under ``torchrun``); returns the summary.
     """
     if not isinstance(forwards, Mapping) or not forwards or not all(callable(f) for f in forwards.values()):
         raise ValueError("forwards: expected a non-empty mapping name -> forward(x)")
     scoring = Scoring(num_classes)
-    known = [f"{m}_{n}" for m in ("dice", "iou") for n in scoring.names()] + ["dice_mean", "iou_mean"]
+    known = scoring.metric_names()
     if metric not in known:
         raise ValueError(f"metric: {metric!r} not among {sorted(known)}")
-    check_writable(output_dir)
+    return run_and_write(output_dir, lambda: _timed_summary(forwards, data, scoring, postprocess, metric, settings),
+                         lambda out: write_report_set(output_dir, {
+                             "per_case.csv": csv_text(out[0]), "summary.json": json.dumps(out[1], indent=2) + "\n",
+                             "summary.md": timing_table(out[1], title)}))[1]
+
+
+def _timed_summary(forwards, data, scoring, postprocess, metric, settings) -> tuple[list[dict], dict[str, Any]]:
+    """The per-case rows and the summary of :func:`timed_evaluation`."""
     models = {name: Model(f, postprocess=postprocess) for name, f in forwards.items()}
     result = evaluate(models, data, [clean()], scoring)
     rows = [{"case_id": r["case_id"], "pipeline": r["model"], "seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"],
@@ -80,6 +87,4 @@ def timed_evaluation(
         })
     summary = {"n_cases": len(rows) // len(forwards), "metric": metric, "empty_class_rule": EMPTY_CLASS_RULE,
                "entries": entries}
-    write_report_set(output_dir, {"per_case.csv": csv_text(rows), "summary.json": json.dumps(summary, indent=2) + "\n",
-                                  "summary.md": timing_table(summary, title)})
-    return summary
+    return rows, summary

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from common.certify import ABSTAIN, CORRECTIONS
-from common.distributed import barrier, is_main_process
-from common.evaluation.engine import Model, Scoring, clean, evaluate, smoothed
-from common.io import check_writable, write_report_set
+from common.distributed import is_main_process  # noqa: F401 (tests/test_distributed.py patches it here)
+from common.evaluation.engine import Model, Scoring, clean, evaluate, run_and_write, smoothed
+from common.io import write_report_set
 from common.metrics import EMPTY_CLASS_RULE
 from common.report import csv_text
 from common.reporting.paper_tables import certification_tables
@@ -226,17 +226,15 @@ class CertificationRun:
 
         Under ``torchrun`` rank 0 alone writes; every rank returns once the files are written.
         """
-        if is_main_process():
-            check_writable(self.output_dir)
-        result = self.certify_loader(loader)
+        return run_and_write(self.output_dir, lambda: self._summarise(self.certify_loader(loader)),
+                             lambda out: self._write(*out))[1]
+
+    def _summarise(self, result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         summary = summarise_certification(result["rows"] + result["clean_rows"], self.class_names[1:])
         summary.update({"params": self.params, "title": self.title, "class_names": self.class_names,
                         "num_cases": len({r["case"] for r in result["rows"]}), "abstain_label": ABSTAIN,
                         "empty_class_rule": EMPTY_CLASS_RULE})
-        if is_main_process():
-            self._write(result, summary)
-        barrier()
-        return summary
+        return result, summary
 
     def _write(self, result: Mapping[str, Any], summary: Mapping[str, Any]) -> None:
         """Write the files listed in the module docstring to ``output_dir``, as one report set."""

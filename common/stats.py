@@ -12,7 +12,9 @@ family of m hypotheses. One ``argsort`` per call, no Python loop over hypotheses
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from scipy.stats import wilcoxon
@@ -26,6 +28,10 @@ __all__ = [
     "holm_reject",
     "paired_wilcoxon",
     "compare_with_clean",
+    "finite_or_none",
+    "mean_or_none",
+    "sd_or_none",
+    "median_or_none",
 ]
 
 
@@ -120,3 +126,28 @@ def compare_with_clean(clean: np.ndarray, attacked: np.ndarray) -> dict[str, np.
         )
     p = paired_wilcoxon(clean[:, None, :], attacked)
     return {"p_wilcoxon": p, "p_bonferroni": bonferroni_adjust(p), "p_holm": holm_adjust(p)}
+
+
+# Summaries for JSON reports (sweep, card): JSON has no inf / NaN, so an undefined number is ``None``.
+def finite_or_none(value: float | None) -> float | None:
+    """``float(value)``, or ``None`` when it is ``None`` or not finite (PSNR of an unchanged input, sd of one
+    case, the HD95 of an empty prediction)."""
+    return None if value is None or not math.isfinite(float(value)) else float(value)
+
+
+def mean_or_none(values: Sequence[float | None]) -> float | None:
+    """Mean of the defined (not ``None``) values, ``None`` when there is none."""
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def sd_or_none(values: Sequence[float | None]) -> float | None:
+    """Sample sd (ddof 1) of the defined values, ``None`` with fewer than two."""
+    vals = [v for v in values if v is not None]
+    return float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+
+
+def median_or_none(values: Sequence[float | None]) -> float | None:
+    """Median of the defined values (inf allowed: an empty prediction's HD95); ``None`` when it is not finite."""
+    vals = [v for v in values if v is not None]
+    return finite_or_none(np.median(vals)) if vals else None

@@ -19,6 +19,10 @@ gradient, the ``"exact"`` aggregation of :mod:`common.sliding_window`).
 - :class:`NetworkForward`: ``SimpleInferer`` (the network itself) and any other inferer called as
   ``inferer(x, network)``; the card checks on the first case that the result is differentiable.
 
+All three differentiate by autograd and are the base :class:`NetworkForward`, which refuses a network that
+supplies its own input gradient (:func:`common.networks.forwards.check_autograd_forward`): none of them has
+``input_gradient``, so attacks take autograd through exactly the function they compute.
+
 A network returning a list of heads (deep supervision) contributes its first (main) head.
 """
 
@@ -30,6 +34,7 @@ from typing import Any
 import torch
 from monai.inferers import sliding_window_inference
 
+from common.networks.forwards import check_autograd_forward
 from common.validation import main_output
 
 __all__ = ["NetworkForward", "WindowForward", "SliceForward", "device_note", "plain_logits"]
@@ -59,18 +64,23 @@ def device_note(inferer: Any, device: torch.device) -> str | None:
 
 
 class NetworkForward:
-    """``forward(x) = main head of inferer(x, network)``; with ``inferer=None``, of ``network(x)``."""
+    """``forward(x) = main head of inferer(x, network)``; with ``inferer=None``, of ``network(x)``.
+
+    The card's forwards differentiate by autograd through the network, so a network that supplies its own
+    input gradient (:class:`common.networks.forwards.InputGradientForward`) is refused
+    (:func:`common.networks.forwards.check_autograd_forward`) rather than silently attacked through another
+    function.
+    """
 
     def __init__(self, network: Callable, inferer: Callable | None = None) -> None:
-        self.network = network
+        self.network = check_autograd_forward(network, "network", type(self).__name__)
         self.inferer = inferer
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.network(x) if self.inferer is None else self.inferer(x, self.network)
-        return plain_logits(out)
+        return plain_logits(self.network(x) if self.inferer is None else self.inferer(x, self.network))
 
 
-class WindowForward:
+class WindowForward(NetworkForward):
     """Whole-volume forward of a ``SlidingWindowInferer`` (see the module docstring).
 
     Args:
@@ -81,7 +91,7 @@ class WindowForward:
     """
 
     def __init__(self, network: Callable, inferer: Any) -> None:
-        self.network = network
+        super().__init__(network)
         self.roi_size = inferer.roi_size
         self.sw_batch_size = int(inferer.sw_batch_size)
         self.overlap = inferer.overlap
@@ -112,9 +122,9 @@ def _drop_axis(value: Any, axis: int) -> Any:
     return value
 
 
-class SliceForward:
+class SliceForward(WindowForward):
     """Whole-volume forward of a ``SliceInferer``: the slice axis moved into the batch, then a 2D sliding
-    window with the inferer's settings (see the module docstring).
+    window with the inferer's settings (see the module docstring; no buffering).
 
     Args:
         network: the 2D network, (N, C, a, b) -> (N, K, a, b).
@@ -125,7 +135,6 @@ class SliceForward:
     """
 
     def __init__(self, network: Callable, inferer: Any) -> None:
-        self.network = network
         self.spatial_dim = int(inferer.spatial_dim)
         if self.spatial_dim not in (0, 1, 2):
             raise ValueError(f"spatial_dim: SliceInferer slices along 0, 1 or 2, got {self.spatial_dim}")
@@ -133,28 +142,16 @@ class SliceForward:
         roi = [int(r) for r in (roi if isinstance(roi, Sequence) else [roi])]
         if len(roi) != 2:
             raise ValueError(f"roi_size: SliceInferer needs a 2D roi_size, got {roi}")
-        self.roi_size = roi
-        self.sw_batch_size = int(inferer.sw_batch_size)
+        super().__init__(network, inferer)
+        self.roi_size, self.buffer_steps, self.buffer_dim = roi, None, -1
         self.overlap = _drop_axis(inferer.overlap, self.spatial_dim)
-        self.mode = str(_value(inferer.mode))
         self.sigma_scale = _drop_axis(inferer.sigma_scale, self.spatial_dim)
-        self.padding_mode = str(_value(inferer.padding_mode))
-        self.cval = float(inferer.cval)
-
-    def _predict(self, window: torch.Tensor) -> torch.Tensor:
-        return main_output(self.network(window))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5:
             raise ValueError(f"x: SliceInferer takes volumes (B, C, H, W, D), got shape {tuple(x.shape)}")
         axis = self.spatial_dim + 2
-        b, c = x.shape[:2]
         moved = x.movedim(axis, 1)  # (B, S, C, a, b)
-        s = moved.shape[1]
-        slices = moved.reshape(b * s, c, *moved.shape[3:])
-        out = sliding_window_inference(
-            slices, self.roi_size, self.sw_batch_size, self._predict, self.overlap, self.mode,
-            self.sigma_scale, self.padding_mode, self.cval, x.device, x.device,
-        )
-        out = plain_logits(out)
-        return out.reshape(b, s, out.shape[1], *out.shape[2:]).movedim(1, axis)
+        b, s = moved.shape[:2]
+        out = super().__call__(moved.reshape(b * s, *moved.shape[2:]))
+        return out.reshape(b, s, *out.shape[1:]).movedim(1, axis)

@@ -26,6 +26,7 @@ import torch
 from scipy import ndimage, stats
 
 from common.stats import compare_with_clean
+from common.stats import finite_or_none as _finite
 
 __all__ = [
     "SIZE_BINS",
@@ -56,10 +57,6 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, flo
         return None
     half = stats.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size)
     return float(max(0.0, v.mean() - half)), float(min(1.0, v.mean() + half))
-
-
-def _finite(x: Any) -> float | None:
-    return float(x) if x is not None and np.isfinite(x) else None
 
 
 def components_key(case_id: str, part: str, eps: float) -> str:

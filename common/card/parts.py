@@ -26,6 +26,7 @@ import torch
 
 from common.attacks import DEFAULT_ENSEMBLE, inverted_target
 from common.evaluation.engine import Perturbation, attacked, build_attack, clean, smoothed
+from common.stats import mean_or_none, sd_or_none  # noqa: F401 (re-exported: the card's summaries)
 
 __all__ = [
     "ATTACKS",
@@ -215,18 +216,6 @@ def example_observer(first_case: str, attack: str, eps: float, sigma: float) -> 
         return {f"{ids[0]}/{name}": value for name, value in out.items()}
 
     return keep
-
-
-def mean_or_none(values: Sequence[float | None]) -> float | None:
-    """Mean of the defined values, ``None`` when there is none."""
-    vals = [v for v in values if v is not None]
-    return float(np.mean(vals)) if vals else None
-
-
-def sd_or_none(values: Sequence[float | None]) -> float | None:
-    """Sample sd (ddof 1) of the defined values, ``None`` with fewer than two."""
-    vals = [v for v in values if v is not None]
-    return float(np.std(vals, ddof=1)) if len(vals) > 1 else None
 
 
 def rows_by_part(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, float, float], dict[str, Mapping]]:

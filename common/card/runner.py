@@ -61,14 +61,12 @@ from common.card.parts import (
     card_perturbations,
     cert_part,
     example_observer,
-    mean_or_none,
     rows_by_part,
-    sd_or_none,
 )
 from common.evaluation.engine import CaseCache, Scoring, evaluate, progress_bar, settings_hash
-from common.io import atomic_write_json, atomic_write_npz, check_writable, write_report_set
+from common.io import atomic_write_npz, check_writable, write_report_set
 from common.metrics import EMPTY_CLASS_RULE
-from common.stats import compare_with_clean
+from common.stats import compare_with_clean, mean_or_none, median_or_none, sd_or_none
 from common.validation import check_nonnegative, check_positive_int, check_probability
 
 __all__ = ["run_card", "DEFAULT_EPS", "DEFAULT_SIGMAS", "CACHE_DIR", "SCHEMA_VERSION", "EXAMPLE_ATTACK"]
@@ -81,13 +79,6 @@ EXAMPLE_ATTACK = "IFGSM-ce"
 EPS_UNIT = "fraction of the input range"
 #: a ground-truth component counts as detected when the prediction covers at least this fraction of it
 DETECTED_OVERLAP = 0.5
-
-
-def median_or_none(values: Sequence[float | None]) -> float | None:
-    """Median of the defined values (inf allowed: an empty prediction's HD95); ``None`` when it is not finite."""
-    vals = [v for v in values if v is not None]
-    m = float(np.median(vals)) if vals else None
-    return m if m is not None and np.isfinite(m) else None
 
 
 def _grid(values: Any, name: str) -> tuple[float, ...]:
@@ -240,8 +231,6 @@ class _Run:
     settings: dict[str, Any]
     cache: Path
     args: dict[str, Any]
-    spacings: list
-    budget: str
 
     @property
     def attack_names(self) -> list[str]:
@@ -255,9 +244,7 @@ def _prepare(args: dict[str, Any], progress: bool) -> _Run:
     if args["budget"] not in BUDGETS:
         raise ValueError(f"budget: expected one of {sorted(BUDGETS)}, got {args['budget']!r}")
     budget = BUDGETS[args["budget"]]
-    n0 = check_positive_int(budget["n0"] if args["n0"] is None else args["n0"], "n0")
-    n = check_positive_int(budget["n"] if args["n"] is None else args["n"], "n")
-    steps = check_positive_int(budget["steps"] if args["steps"] is None else args["steps"], "steps")
+    n0, n, steps = (check_positive_int(budget[k] if args[k] is None else args[k], k) for k in ("n0", "n", "steps"))
     ensemble = budget["ensemble"]
     if ensemble and args.get("ensemble_steps") is not None:
         member_steps = check_positive_int(args["ensemble_steps"], "ensemble_steps")
@@ -302,7 +289,7 @@ def _prepare(args: dict[str, Any], progress: bool) -> _Run:
     key = _cache_key(bundle, {**settings, "eps_input": eps_input, "input_range": [low, high]})
     return _Run(bundle, cases, section, (float(low), float(high)), spatial_dims, list(eps), list(sigmas),
                 eps_input, sigmas_input, parts, {**settings, "device": str(bundle.device)},
-                Path(args["output_dir"]) / CACHE_DIR / key, args, spacings, args["budget"])
+                Path(args["output_dir"]) / CACHE_DIR / key, args)
 
 
 def _common_spacing(spacings: Sequence) -> list[float] | None:
@@ -494,21 +481,19 @@ def run_card(
 
 def _masking(run: _Run) -> dict[str, Any]:
     """The gradient-masking checks on the first case (:func:`common.card.headline.masking_flags`), cached in
-    the card's cache folder as ``masking.json`` with the case's file hashes (reused when they match)."""
-    path = run.cache / "masking.json"
-    fingerprint = [sha256_file(f) for f in run.cases[0].files]
-    if path.is_file():
-        try:
-            entry = json.loads(path.read_text(encoding="utf-8"))
-            if entry.get("fingerprint") == fingerprint and entry.get("case") == run.cases[0].case_id:
-                return entry["result"]
-        except (OSError, ValueError, KeyError, AttributeError):
-            pass  # unreadable: recomputed
-    x, y = load_case(run.bundle, run.cases[0])
+    the card's cache folder as ``masking.json`` by the engine's :class:`common.evaluation.engine.CaseCache`
+    with the case id and file hashes as fingerprint (reused when they match, recomputed when unreadable)."""
+    case = run.cases[0]
+    cache, fingerprint = CaseCache(run.cache, "masking"), {"case": case.case_id,
+                                                           "files_sha256": [sha256_file(f) for f in case.files]}
+    cached = cache.load("masking", fingerprint, need_arrays=False)
+    if cached is not None and len(cached[0]) == 1:
+        return cached[0][0]
+    x, y = load_case(run.bundle, case)
     out = masking_flags(run.bundle.forward, x, y, run.eps_input, run.parts.clip, run.input_range,
                         run.bundle.output, run.parts.steps, run.parts.seed)
-    result = {**out, "case": run.cases[0].case_id}
-    atomic_write_json(path, {"fingerprint": fingerprint, "case": run.cases[0].case_id, "result": result})
+    result = {**out, "case": case.case_id}
+    cache.save("masking", fingerprint, [result], None)
     return result
 
 

@@ -55,8 +55,8 @@ import torch
 from tqdm.auto import tqdm
 
 from common.certify import ABSTAIN, certified_metrics, certify
-from common.distributed import gather_objects, is_main_process, num_local_batches, shard_batches
-from common.io import atomic_write_json, atomic_write_npz
+from common.distributed import barrier, gather_objects, is_main_process, num_local_batches, shard_batches
+from common.io import atomic_write_json, atomic_write_npz, check_writable
 from common.metrics import case_id, overlap_scores, perturbation_scores, segmentation_scores
 from common.validation import check_image, check_label_map, check_positive_int, main_output
 
@@ -75,6 +75,7 @@ __all__ = [
     "progress_bar",
     "settings_hash",
     "evaluate",
+    "run_and_write",
 ]
 
 ROW_KEYS = ("case_id", "model", "perturbation", "kind", "eps", "sigma", "seconds", "cpu_seconds")
@@ -174,6 +175,10 @@ class Scoring:
         overlap = segmentation_scores(probe, probe, self.num_classes, self.include_background, self.regions,
                                       self.class_names, multilabel=self.output == "sigmoid")  # no spacing: 2-D probe
         return [k[len("dice_"):] for k in overlap if k.startswith("dice_") and k != "dice_mean"]
+
+    def metric_names(self) -> list[str]:
+        """The Dice / IoU keys of :meth:`scores`: ``dice_<class>``, ``iou_<class>``, ``dice_mean``, ``iou_mean``."""
+        return [f"{m}_{n}" for m in ("dice", "iou") for n in self.names()] + ["dice_mean", "iou_mean"]
 
 
 def build_attack(kind: str, forward: Callable, eps: float, **kwargs: Any) -> Callable:
@@ -552,3 +557,16 @@ def evaluate(
     artifacts = {key: value for _, _, a in results for key, value in a.items()}
     return Result(rows, artifacts, sum(r for _, r in parts))
 
+
+
+def run_and_write(output_dir: str | Path, compute: Callable[[], Any], write: Callable[[Any], Any]) -> Any:
+    """The run of every configuration that writes a report: ``output_dir`` checked for writability and free
+    space on rank 0 before any case is evaluated, ``compute()`` on every rank (sharded by :func:`evaluate`),
+    ``write(result)`` on rank 0 alone, then every rank waits for the files and returns ``result``."""
+    if is_main_process():
+        check_writable(output_dir)
+    result = compute()
+    if is_main_process():
+        write(result)
+    barrier()
+    return result

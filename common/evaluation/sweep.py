@@ -24,25 +24,19 @@ from typing import Any
 
 import numpy as np
 
-from common.distributed import barrier, is_main_process
-from common.evaluation.engine import Scoring, attacked, clean, evaluate
-from common.io import check_writable, write_report_set
+from common.distributed import is_main_process  # noqa: F401 (tests/test_distributed.py patches it here)
+from common.evaluation.engine import ROW_KEYS, Scoring, attacked, clean, evaluate, run_and_write
+from common.io import write_report_set
 from common.metrics import EMPTY_CLASS_RULE
 from common.report import CLEAN, csv_text
 from common.reporting.paper_tables import CORRECTIONS, PERTURBATION_METRICS, sweep_table
 from common.reporting.plots import render_metric_vs_eps
-from common.stats import compare_with_clean
+from common.stats import compare_with_clean, finite_or_none
 from common.validation import check_nonnegative, check_positive_int, check_probability
 
 __all__ = ["summarise", "write_reports", "evaluate_cases", "RobustnessSweep", "KEY_COLUMNS"]
 
 KEY_COLUMNS = ("case_id", "attack", "eps", "eps_display")
-
-
-def _json_number(value: float) -> float | None:
-    """JSON has no inf/NaN: non-finite values (PSNR of an unchanged input, sd of one case) become null."""
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 def summarise(
@@ -98,8 +92,8 @@ def summarise(
             sd = v.std(axis=1, ddof=1) if v.shape[1] > 1 else np.full(len(metrics), np.nan)
         return {
             "attack": name, "eps": eps, "eps_display": float(grp[0]["eps_display"]), "n": len(grp),
-            "mean": {m: _json_number(a) for m, a in zip(metrics, mean)},
-            "sd": {m: _json_number(s) for m, s in zip(metrics, sd)},
+            "mean": {m: finite_or_none(a) for m, a in zip(metrics, mean)},
+            "sd": {m: finite_or_none(s) for m, s in zip(metrics, sd)},
         }
 
     entries = [entry(CLEAN, clean_keys[0][1], clean_rows)]
@@ -182,8 +176,7 @@ def evaluate_cases(
     result = evaluate(forward, data, perts, scoring, progress=progress, desc=desc)
     rows = []
     for r in result.rows:
-        metrics = {k: v for k, v in r.items() if k not in ("case_id", "model", "perturbation", "kind", "eps",
-                                                            "sigma", "seconds", "cpu_seconds")}
+        metrics = {k: v for k, v in r.items() if k not in ROW_KEYS}
         if r["kind"] == "clean":
             metrics.update(psnr=math.inf, ssim=1.0, rmse=0.0)
         rows.append({"case_id": r["case_id"], "attack": r["perturbation"], "eps": r["eps"],
@@ -262,9 +255,8 @@ class RobustnessSweep:
         self.seg_kwargs = dict(include_background=include_background, regions=regions, class_names=class_names,
                                output=output)
         # Naming and config checks on a one-voxel probe, so a bad metric_for_plot fails before any work.
-        names = Scoring(self.num_classes, include_background, regions, class_names, output).names()
-        metrics = [f"{m}_{n}" for m in ("dice", "iou") for n in names] + ["dice_mean", "iou_mean"]
-        metrics += PERTURBATION_METRICS
+        scoring = Scoring(self.num_classes, include_background, regions, class_names, output)
+        metrics = scoring.metric_names() + list(PERTURBATION_METRICS)
         if metric_for_plot not in metrics:
             raise ValueError(f"metric_for_plot: {metric_for_plot!r} not among {metrics}")
         self.metric_for_plot, self.eps_unit, self.title = metric_for_plot, str(eps_unit), str(title)
@@ -282,8 +274,11 @@ class RobustnessSweep:
         Under ``torchrun`` every rank evaluates its shard, every rank returns the summary of all cases, and
         rank 0 alone writes the reports; every rank returns once they are written.
         """
-        if is_main_process():
-            check_writable(self.output_dir)
+        rows, summary = run_and_write(self.output_dir, lambda: self._evaluate(data), lambda result: write_reports(
+            self.output_dir, *result, self.metric_for_plot, self.eps_unit, self.correction, self.alpha, self.title))
+        return summary
+
+    def _evaluate(self, data: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         rows = evaluate_cases(
             self.forward, data, self.attacks, self.num_classes, data_range=self.data_range,
             eps_scale=self.eps_scale, progress=self.progress, desc=self.title or "robustness sweep",
@@ -294,10 +289,4 @@ class RobustnessSweep:
             eps_unit=self.eps_unit, eps_scale=self.eps_scale, alpha=self.alpha, correction=self.correction,
             attacks=list(dict.fromkeys(a for a, _, _ in self.attacks)), eps_values=self.eps_values,
         )
-        if is_main_process():
-            write_reports(
-                self.output_dir, rows, summary, self.metric_for_plot, self.eps_unit, self.correction,
-                self.alpha, self.title,
-            )
-        barrier()
-        return summary
+        return rows, summary
