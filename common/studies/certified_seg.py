@@ -27,7 +27,7 @@ FLOOR = (0.85, CLASSES)  # issue #18: clean Dice floor of the segmenter, every c
 
 def _settings(quick: bool) -> dict[str, Any]:
     return {
-        "size": 64, "train": 48 if quick else 96, "test": 12 if quick else 24, "epochs": 60 if quick else 80,
+        "size": 64, "train": 96 if quick else 144, "test": 12 if quick else 24, "epochs": 60 if quick else 80,
         "lr": 1e-3, "batch": 8, "sigmas": [0.125, 0.25, 0.5] if quick else [0.125, 0.25, 0.5, 1.0],
         "noise_sigma": 0.25, "denoiser_epochs": 10 if quick else 20, "diffusion_epochs": 40 if quick else 100,
         "diffusion_lr": 1e-3, "n0": 10, "n": 100, "alpha": 0.001, "tau": 0.75,
