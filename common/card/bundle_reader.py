@@ -85,16 +85,17 @@ import torch
 import torch.nn as nn
 
 from common.card.forwards import NetworkForward, SliceForward, WindowForward, device_note
-from common.card.label_transforms import IMAGE, INTERPOLATION_MODES, extend_to_label, follow_reference
+from common.card.label_transforms import (
+    IMAGE, INTERPOLATION_MODES, enum_value, extend_to_label, follow_reference,
+)
 
 __all__ = [
     "Bundle", "InputRange", "read_bundle", "check_forward", "input_range_of", "sha256_file",
-    "bundle_imports", "INTERPOLATION_MODES", "OUTPUTS",
+    "bundle_imports", "read_json", "INTERPOLATION_MODES", "OUTPUTS",
 ]
 
 #: the output kinds of a segmentation network
 OUTPUTS = ("softmax", "sigmoid")
-_IMAGE = IMAGE
 _CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 
 
@@ -189,15 +190,15 @@ def bundle_imports(root: Path) -> Iterator[None]:
             sys.modules.update(saved)
 
 
-def _metadata(root: Path) -> dict[str, Any]:
-    path = root / "configs" / "metadata.json"
+def read_json(path: Path, what: str) -> Any:
+    """The JSON file at ``path``; one-line errors ``<what>: no such file <path>`` (FileNotFoundError) and
+    ``<what> <path>: cannot be read as JSON (...)`` (ValueError)."""
     if not path.is_file():
-        raise FileNotFoundError(f"metadata: no such file {path}")
+        raise FileNotFoundError(f"{what}: no such file {path}")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"metadata {path}: cannot be read as JSON ({err})") from err
-    return meta
+        raise ValueError(f"{what} {path}: cannot be read as JSON ({err})") from err
 
 
 def _classes(meta: Mapping[str, Any], path: Path) -> tuple[int, list[str]]:
@@ -348,7 +349,7 @@ def input_range_of(transforms: Sequence[Any]) -> InputRange:
     found: InputRange | None = None
     after: list[str] = []
     for t in transforms:
-        if not isinstance(t, MapTransform) or _IMAGE not in [str(k) for k in t.keys]:
+        if not isinstance(t, MapTransform) or IMAGE not in [str(k) for k in t.keys]:
             continue
         s = getattr(t, "scaler", None)
         if isinstance(t, ScaleIntensityRanged) and s.b_min is not None and s.b_max is not None:
@@ -487,7 +488,7 @@ def _config_checkpoints(parser, config_path: Path) -> dict[str, dict[str, str]]:
 def _describe(inferer: Any, key: str) -> dict[str, Any]:
     """The inferer's settings for the card (``None`` where a setting does not apply)."""
     def plain(v: Any) -> Any:
-        v = getattr(v, "value", v)
+        v = enum_value(v)
         if isinstance(v, Sequence) and not isinstance(v, str):
             return [plain(u) for u in v]
         return v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
@@ -592,7 +593,7 @@ def read_bundle(
         raise FileNotFoundError(f"bundle_root: no such directory {root}")
     config_path = _config_path(root, config)
     meta_path = root / "configs" / "metadata.json"
-    meta = _metadata(root)
+    meta = read_json(meta_path, "metadata")
     num_classes, class_names = _classes(meta, meta_path)
     overrides = dict(overrides or {})
     device = torch.device(device)

@@ -20,9 +20,7 @@ the key and the file.
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.card.bundle_reader import Bundle
+from common.card.bundle_reader import Bundle, read_json
 from common.metrics import case_id as _case_id
 
 __all__ = ["CaseRef", "CaseData", "read_datalist", "read_case", "load_case", "SECTIONS"]
@@ -83,12 +81,7 @@ def read_datalist(path: str | os.PathLike, max_cases: int | None = None) -> tupl
     datalist without labelled entries.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist: no such file {path}")
-    try:
-        body = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"datalist {path}: cannot be read as JSON ({err})") from err
+    body = read_json(path, "datalist")
     sections = {"data": body} if isinstance(body, list) else body if isinstance(body, dict) else {}
     section = next(
         (s for s in (*SECTIONS, "data") if isinstance(sections.get(s), list) and sections[s]
@@ -113,11 +106,6 @@ def read_datalist(path: str | os.PathLike, max_cases: int | None = None) -> tupl
         seen.add(cid)
         cases.append(CaseRef(cid, images[0], label, path, images))
     return cases, section
-
-
-def _transforms(bundle: Bundle) -> list[Callable[[Any], Any]]:
-    """The transforms a case goes through, in order, on ``{"image": ..., "label": ...}``."""
-    return [bundle.preprocessing]
 
 
 def _spacing(x: Any, nd: int) -> tuple[float, ...] | None:
@@ -172,8 +160,7 @@ def read_case(bundle: Bundle, case: CaseRef) -> CaseData:
     images = [str(p) for p in (case.images or (case.image,))]
     data: Any = {"image": images if len(images) > 1 else images[0], "label": str(case.label)}
     try:
-        for transform in _transforms(bundle):
-            data = transform(data)
+        data = bundle.preprocessing(data)
     except Exception as err:
         msg = " ".join(str(err).split())[-300:]
         raise ValueError(

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from monai.inferers import sliding_window_inference
 
+from common.card.label_transforms import enum_value
 from common.networks.forwards import check_autograd_forward
 from common.validation import main_output
 
@@ -44,10 +45,6 @@ def plain_logits(out: Any) -> torch.Tensor:
     """The main head of a network output as a plain ``torch.Tensor`` (a ``MetaTensor`` loses its meta)."""
     out = main_output(out)
     return out.as_tensor() if hasattr(out, "as_tensor") else out
-
-
-def _value(v: Any) -> Any:
-    return getattr(v, "value", v)
 
 
 def device_note(inferer: Any, device: torch.device) -> str | None:
@@ -95,9 +92,9 @@ class WindowForward(NetworkForward):
         self.roi_size = inferer.roi_size
         self.sw_batch_size = int(inferer.sw_batch_size)
         self.overlap = inferer.overlap
-        self.mode = str(_value(inferer.mode))
+        self.mode = str(enum_value(inferer.mode))
         self.sigma_scale = inferer.sigma_scale
-        self.padding_mode = str(_value(inferer.padding_mode))
+        self.padding_mode = str(enum_value(inferer.padding_mode))
         self.cval = float(inferer.cval)
         self.buffer_steps = getattr(inferer, "buffer_steps", None)
         self.buffer_dim = int(getattr(inferer, "buffer_dim", -1))

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "extend_to_label", "transform_list_ids", "follow_reference", "INTERPOLATION_MODES", "LABEL", "IMAGE",
+    "extend_to_label", "transform_list_ids", "follow_reference", "enum_value", "INTERPOLATION_MODES", "LABEL",
+    "IMAGE",
 ]
 
 #: interpolation modes (torch / MONAI names, spline orders) that a label must not go through
@@ -91,12 +92,13 @@ def transform_list_ids(parser, config_path: Path, key: str = "preprocessing") ->
     )
 
 
-def _interpolates(mode: Any) -> bool:
-    return str(getattr(mode, "value", mode)).lower() in INTERPOLATION_MODES
-
-
-def _plain(value: Any) -> Any:
+def enum_value(value: Any) -> Any:
+    """The value of a MONAI enum setting (``BlendMode.GAUSSIAN`` -> ``"gaussian"``), anything else as is."""
     return getattr(value, "value", value)
+
+
+def _interpolates(mode: Any) -> bool:
+    return str(enum_value(mode)).lower() in INTERPOLATION_MODES
 
 
 def _label_settings(item: Any, raw: dict, keys: list[str]) -> dict[str, list]:
@@ -117,7 +119,7 @@ def _label_settings(item: Any, raw: dict, keys: list[str]) -> dict[str, list]:
             if isinstance(given, (list, tuple)) or (isinstance(given, str) and given[:1] in "@$%"):
                 continue
             value = [given] * n
-        values = [_plain(v) for v in value]
+        values = [enum_value(v) for v in value]
         own = values[image]
         if name == "mode" and _interpolates(own):
             own, nearest = "nearest", True

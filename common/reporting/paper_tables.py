@@ -144,6 +144,7 @@ def defence_table(
         if at_eps(models[m], 0.0)["case_id"] != cases:
             raise ValueError(f"models: {m!r} was evaluated on other cases than {reference!r}")
     rows: list[dict[str, Any]] = []
+    cells: list[dict[str, Any]] = []  # the Markdown table's text, one per row
     for region in regions:
         metric = f"dice_{region}"
         values = {m: {e: at_eps(models[m], e)[metric] for e in eps_values} for m in names}
@@ -153,26 +154,21 @@ def defence_table(
             for e in eps_values
         }
         p_adj = {e: bonferroni_adjust(p[e]) if len(defended) else p[e] for e in eps_values}
-        for i, m in enumerate(names):
+        for i, m in enumerate(names):  # i = 0: the reference, not tested
             row: dict[str, Any] = {"region": region, "defence": m}
+            cell = dict(row)
             for e in eps_values:
                 v = values[m][e]
                 row[f"dice_{e:g}"] = float(v.mean())
                 row[f"sd_{e:g}"] = float(v.std(ddof=1)) if v.size > 1 else float("nan")
+                cell[f"d{e:g}"] = format_mean_sd(row[f"dice_{e:g}"], row[f"sd_{e:g}"])
                 if i:
                     row[f"p_{e:g}"] = float(p[e][i - 1])
                     row[f"p_bonferroni_{e:g}"] = float(p_adj[e][i - 1])
+                    cell[f"d{e:g}"] += "*" if row[f"p_bonferroni_{e:g}"] <= alpha else ""
+                cell[f"p{e:g}"] = f"{row[f'p_{e:g}']:.4g}" if i else "-"
             rows.append(row)
-    cells = []
-    for row in rows:
-        cell = {"region": row["region"], "defence": row["defence"]}
-        for e in eps_values:
-            text = format_mean_sd(row[f"dice_{e:g}"], row[f"sd_{e:g}"])
-            if row["defence"] != reference and row[f"p_bonferroni_{e:g}"] <= alpha:
-                text += "*"
-            cell[f"d{e:g}"] = text
-            cell[f"p{e:g}"] = "-" if row["defence"] == reference else f"{row[f'p_{e:g}']:.4g}"
-        cells.append(cell)
+            cells.append(cell)
     columns = ["region", "defence", *(f"d{e:g}" for e in eps_values), *(f"p{e:g}" for e in eps_values)]
     headers = [
         "Segmentation type", "Defense type", *(f"Dice ε = {e:g}" for e in eps_values),
