@@ -40,6 +40,7 @@ check failed. "Stronger" and "weaker" allow ``tolerance`` of mean Dice. Every at
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -225,11 +226,10 @@ def masking_diagnostics(
     metric = lambda logits, t: case_dice(logits, t, output=output, classes=classes)  # noqa: E731
     large_attack = attack
     if attack is None:
-        def attack(f, e, loss):
-            return APGD(f, e, steps=steps, loss=loss, clip=clip, output=output, metric=metric)
+        def attack(f, e, loss, n=steps):
+            return APGD(f, e, steps=n, loss=loss, clip=clip, output=output, metric=metric)
 
-        def large_attack(f, e, loss):
-            return APGD(f, e, steps=large_eps_steps, loss=loss, clip=clip, output=output, metric=metric)
+        large_attack = functools.partial(attack, n=large_eps_steps)
     dice = lambda v: _mean_dice(forward, v, y, output, classes)  # noqa: E731
 
     health = gradient_health(forward, x, y, output)

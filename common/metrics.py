@@ -379,8 +379,5 @@ def perturbation_scores(
     rmse = RMSEMetric(reduction="none")(xa, xc)
     window = [min(SSIM_WINDOW, s if s % 2 else s - 1) for s in x.shape[2:]]
     ssim = SSIMMetric(spatial_dims, data_range=data_range, win_size=window, reduction="none")(xa, xc)
-    return {
-        "psnr": torch.as_tensor(psnr).reshape(-1).double(),
-        "ssim": torch.as_tensor(ssim).reshape(-1).double(),
-        "rmse": torch.as_tensor(rmse).reshape(-1).double(),
-    }
+    scores = {"psnr": psnr, "ssim": ssim, "rmse": rmse}
+    return {k: torch.as_tensor(v).reshape(-1).double() for k, v in scores.items()}
