@@ -8,7 +8,8 @@ Only the objective differs:
 
 - :class:`AdversarialTrainingIteration`: Eq. 9 of Liu et al., J. Digit. Imaging 2021 (β·clean + (1 − β)·adversarial), or the
   ResDSN paper's PGD training (β = 0).
-- :class:`NoiseAugmentationIteration`: the uniform-noise baseline of Liu et al., J. Digit. Imaging 2021 (radius 0.01).
+- :class:`NoiseAugmentationIteration`: the uniform-noise baseline of Liu et al., J. Digit. Imaging 2021 (radius 0.01); both
+  take ``sequential`` (the paper's per-batch order: a step on the perturbed batch, then one on the clean batch).
 - :class:`DistillationIteration`: the student of defensive distillation trained on the teacher's
   temperature-T soft labels with the soft Dice of Eq. 7.
 
@@ -73,7 +74,43 @@ class _ObjectiveIteration:
         return engine.state.output
 
 
-class AdversarialTrainingIteration(_ObjectiveIteration):
+class _PerturbedIteration(_ObjectiveIteration):
+    """β·L(x, y) + (1 − β)·L(x', y) for a perturbed batch x' (adversarial or noisy), in one step or, with
+    ``sequential``, as two steps per batch: first on (1 − β)·L(x', y), then on β·L(x, y) with the updated
+    weights (Liu et al., J. Digit. Imaging 2021: "for each batch of input data, we first trained the model
+    with the perturbed images and then trained the model with the clean images"). The reported loss is
+    the sum of both terms. Subclasses give the perturbed term and the joint one."""
+
+    def __init__(self, beta: float, sequential: bool) -> None:
+        if not isinstance(sequential, bool):
+            raise ValueError(f"sequential: expected True or False, got {sequential!r}")
+        self.beta = float(beta)
+        self.sequential = sequential
+
+    def perturbed_loss(self, engine, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """L(x', y), unweighted, from the current weights."""
+        raise NotImplementedError
+
+    def joint_objective(self, engine, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor):
+        """``(β·L(x, y) + (1 − β)·L(x', y), clean prediction or None)`` for one optimizer step."""
+        raise NotImplementedError
+
+    def objective(self, engine, x, y):
+        loss_fn = lambda pred, target: engine.loss_function(pred, target).mean()  # noqa: E731
+        if not self.sequential:
+            loss, pred = self.joint_objective(engine, loss_fn, x, y)
+            return loss, None if pred is None else main_output(pred)
+        # first update: the perturbed batch from the current weights
+        loss_perturbed = (1.0 - self.beta) * self.perturbed_loss(engine, loss_fn, x, y)
+        loss_perturbed.backward()
+        engine.optimizer.step()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        pred = engine.network(x)  # second update (by the caller): the clean batch, updated weights
+        loss_clean = self.beta * loss_fn(pred, y)
+        return loss_clean + loss_perturbed.detach(), main_output(pred)
+
+
+class AdversarialTrainingIteration(_PerturbedIteration):
     """Adversarial training: minimise β·L(x, y) + (1 − β)·L(x_adv, y) with x_adv from the current model.
 
     Args:
@@ -93,11 +130,8 @@ class AdversarialTrainingIteration(_ObjectiveIteration):
     def __init__(self, attack: Callable, beta: float = 0.5, sequential: bool = False) -> None:
         if not callable(attack):
             raise ValueError("attack: expected an attack object built on the network")
-        if not isinstance(sequential, bool):
-            raise ValueError(f"sequential: expected True or False, got {sequential!r}")
+        super().__init__(beta, sequential)
         self.attack = attack
-        self.beta = float(beta)
-        self.sequential = sequential
         self._batch_attack = attack
 
     def __call__(self, engine, batchdata: dict) -> dict:
@@ -106,39 +140,39 @@ class AdversarialTrainingIteration(_ObjectiveIteration):
             self._batch_attack = for_batch(batchdata, engine.state.device)
         return super().__call__(engine, batchdata)
 
-    def objective(self, engine, x, y):
-        loss_fn = lambda pred, target: engine.loss_function(pred, target).mean()  # noqa: E731
-        attack = self._batch_attack
-        if not self.sequential:
-            loss, pred, _ = adversarial_objective(engine.network, loss_fn, x, y, attack, self.beta)
-            return loss, None if pred is None else main_output(pred)
-        # first update: the adversarial batch from the current weights (β = 0 gives L(x_adv, y) alone)
-        loss_adv, _, _ = adversarial_objective(engine.network, loss_fn, x, y, attack, 0.0)
-        loss_adv = (1.0 - self.beta) * loss_adv
-        loss_adv.backward()
-        engine.optimizer.step()
-        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        pred = engine.network(x)  # second update (by the caller): the clean batch, updated weights
-        loss_clean = self.beta * loss_fn(pred, y)
-        return loss_clean + loss_adv.detach(), main_output(pred)
+    def perturbed_loss(self, engine, loss_fn, x, y):
+        # β = 0 gives L(x_adv, y) alone
+        return adversarial_objective(engine.network, loss_fn, x, y, self._batch_attack, 0.0)[0]
+
+    def joint_objective(self, engine, loss_fn, x, y):
+        loss, pred, _ = adversarial_objective(engine.network, loss_fn, x, y, self._batch_attack, self.beta)
+        return loss, pred
 
 
-class NoiseAugmentationIteration(_ObjectiveIteration):
+class NoiseAugmentationIteration(_PerturbedIteration):
     """The uniform-noise baseline of Liu et al., J. Digit. Imaging 2021: the loss of a batch perturbed by
     uniform noise of L∞ radius r plus the loss of the clean batch, weighted β and 1 − β like Eq. 9
-    (β = 0.5: both halves count equally)."""
+    (β = 0.5: both halves count equally).
 
-    def __init__(self, radius: float = 0.01, beta: float = 0.5, seed: int | None = None) -> None:
+    ``sequential`` as in :class:`AdversarialTrainingIteration`: False (default) one step on the weighted
+    sum; True one step on (1 − β)·L(x + noise, y), then one on β·L(x, y) with the updated weights, the
+    paper's per-batch order for its training-time defences.
+    """
+
+    def __init__(self, radius: float = 0.01, beta: float = 0.5, seed: int | None = None,
+                 sequential: bool = False) -> None:
+        super().__init__(beta, sequential)
         self.radius = check_nonnegative(radius, "radius")
-        self.beta = float(beta)
         self.generator = None if seed is None else torch.Generator().manual_seed(int(seed))
 
-    def objective(self, engine, x, y):
+    def perturbed_loss(self, engine, loss_fn, x, y):
+        return loss_fn(engine.network(uniform_noise(x, self.radius, self.generator)), y)
+
+    def joint_objective(self, engine, loss_fn, x, y):
         noisy = uniform_noise(x, self.radius, self.generator)
         pred = engine.network(x)
-        loss = self.beta * engine.loss_function(pred, y).mean()
-        loss = loss + (1.0 - self.beta) * engine.loss_function(engine.network(noisy), y).mean()
-        return loss, main_output(pred)
+        loss = self.beta * loss_fn(pred, y) + (1.0 - self.beta) * loss_fn(engine.network(noisy), y)
+        return loss, pred
 
 
 class DistillationIteration(_ObjectiveIteration):

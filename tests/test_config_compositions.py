@@ -45,6 +45,7 @@ BRATS = {  # defence files -> (3D run name, 3D lr, 3D epochs, 2D run name)
     ("adv_train.json", "adv_train_short.json"): ("adv_train_eps0.05_e100_lr1e-4", 1e-4, 100, "unet2d_adv_train_eps0.05"),
     ("adv_train.json", "adv_train_sequential.json"): ("adv_train_eps0.05_seq", 5e-4, 400, "unet2d_adv_train_eps0.05_seq"),
     ("noise_aug.json",): ("noise_aug", 1e-4, 100, "unet2d_noise_aug"),
+    ("noise_aug.json", "noise_aug_sequential.json"): ("noise_aug_seq", 1e-4, 100, "unet2d_noise_aug_seq"),
 }
 
 
@@ -73,6 +74,27 @@ def test_brats_every_variant_has_its_own_folders():
     names = [v[0] for v in BRATS.values()] + [v[3] for v in BRATS.values()]
     # the 2D short variant trains with the 2D values (lr 1e-5, 400 epochs) and so is the 2D run itself
     assert len(set(names)) == len(names) - 1
+
+
+# ------------------------------------------------------------- certification: Table 1's other segmenters
+@pytest.mark.parametrize("net, target", [("resunetpp.json", "ResUNetPlusPlus"), ("deeplabv2.json", "DeepLabV2")])
+@pytest.mark.parametrize("variant", [[], ["train_noise.json"]], ids=["base", "noise"])
+def test_certified_seg_networks_have_their_own_folders_in_any_order(net, target, variant):
+    """Laousy et al., MICCAI 2023, Table 1: UNet, ResUNet++ and DeepLabV2 each trained (plain and with
+    noise) and certified from its own ``models/`` and ``eval/`` folder, whatever the order of the files."""
+    name, run = net[: -len(".json")], "noise" if variant else "base"
+    for files in ([net, *variant, "certify.json", "jsrt.json"], ["jsrt.json", "certify.json", *variant, net],
+                  [*variant, net]):
+        p = _parser("certified_seg", ["train.json", *files])
+        assert p.get("network_def#_target_") == f"common.networks.{target}"
+        dataset = "jsrt" if "jsrt.json" in files else "chest"
+        assert p.get_parsed_content("ckpt_dir") == f"./models/{dataset}/{name}/{run}"
+        assert p.get_parsed_content("output_dir") == f"./eval/{dataset}/{name}/{run}"
+        assert not _unresolvable(p)
+    # the demo: the network's file after demo.json (demo.json sets the UNet's demo sizes and eval folder)
+    p = _parser("certified_seg", ["train.json", *variant, "demo.json", net])
+    assert p.get_parsed_content("ckpt_dir") == f"./demo/models/chest/{name}/{run}"
+    assert p.get_parsed_content("output_dir") == f"./demo/eval/chest/{name}/{run}"
 
 
 # ------------------------------------------------------------------------------------ NLCEN ablation
