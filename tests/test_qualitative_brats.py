@@ -10,6 +10,8 @@ import torch
 from matplotlib.image import imread
 from monai.bundle import ConfigParser
 
+from common.evaluation.engine import Scoring
+from common.evaluation.qualitative import evaluate_examples, qualitative_panels, render_qualitative
 from common.reporting.plots import label_colours
 from tests.bundle_run import BUNDLES, run_bundle
 
@@ -42,10 +44,13 @@ def test_qualitative_figure_shows_what_the_attack_changed(run):
     parser.read_config([str(BUNDLES / NAME / "configs" / f) for f in CONFIGS])
     for key, value in {**overrides, "attack#eps": EPS, "bundle_root": str(BUNDLES / NAME)}.items():
         parser[key] = value
-    result = parser.get_parsed_content("qualitative#result")
-    panels = parser.get_parsed_content("qualitative#case_panels")("brain_000")
-    assert [p[0].split(" ")[0] for p in panels] == ["input", "ground", "clean", "perturbation,", "attacked"]
+    q = {k: parser.get_parsed_content(f"qualitative#{k}") for k in ("model", "attack", "attack_name")}
+    batches = [b for _, b in zip(range(1), parser.get_parsed_content("attack#dataloader"))]
+    result = evaluate_examples(q["model"], batches, q["attack_name"], EPS, q["attack"],
+                               Scoring(4, regions=parser.get_parsed_content("regions")))
     clean, adv = result.artifacts["brain_000/clean"], result.artifacts["brain_000/attack"]
+    panels = qualitative_panels(clean, adv, 4, parser.get_parsed_content("input_range"))
+    assert [p[0].split(" ")[0] for p in panels] == ["input", "ground", "clean", "perturbation,", "attacked"]
     y = clean["y"]
     k = int(torch.argmax((y[0] > 0).any(0).sum(dim=(0, 1))))  # the slice with the most tumour
     # the input, the truth and both predictions are that slice, coloured by class
@@ -62,10 +67,8 @@ def test_qualitative_figure_shows_what_the_attack_changed(run):
     changed = (clean["pred"] != adv["pred"])[0, 0, ..., k].numpy()
     assert changed.any()
     np.testing.assert_array_equal((panels[2][1] != panels[4][1]).any(-1), changed)
-    # the title carries the defence's run name and the Dice of both predictions, from the sweep rows
-    title = parser.get_parsed_content("qualitative#title")("brain_000")
+    # the title carries the defence's run name and the Dice of both predictions, from the engine's rows
     dice = {r["kind"]: r["dice_WT"] for r in result.rows if r["case_id"] == "brain_000"}
-    assert title.startswith("unet3d, case brain_000: fgsm at eps = 0.3")
-    assert f"clean {dice['clean']:.3f}, attacked {dice['attack']:.3f}" in title
-    # the PNG on disk is these panels, rendered
-    assert parser.get_parsed_content("qualitative#figure")(panels, title) == pngs[0].read_bytes()
+    title = f"unet3d, case brain_000: fgsm at eps = 0.3; Dice WT clean {dice['clean']:.3f}, attacked {dice['attack']:.3f}"
+    # the PNG on disk is these panels with that title, rendered
+    assert render_qualitative(panels, title) == pngs[0].read_bytes()
