@@ -454,17 +454,13 @@ def run_card(
     Returns:
         paths of the written files: ``json``, ``examples_npz`` and the renderer's ``md``, ``html`` and PNGs.
     """
-    from monai.utils import set_determinism
-
     if output_dir is None:
         output_dir = Path(bundle_root) / "eval" / "robustness_card"
-    args = {"bundle_root": bundle_root, "datalist": datalist, "config": config, "ckpt": ckpt,
-            "output_dir": output_dir, "eps": eps, "sigmas": sigmas, "n0": n0, "n": n, "steps": steps,
-            "max_cases": max_cases, "seed": seed, "device": str(device),
-            "overrides": dict(overrides) if overrides else None,
-            "label_values": label_values, "alpha": alpha, "tau": tau,
-            "batch_size": batch_size, "budget": budget, "output": output, "inferer": inferer,
-            "ensemble_steps": ensemble_steps}
+    # every argument that sets the numbers, in signature order (the reproduce command lists them so)
+    args = {k: v for k, v in locals().items() if k not in ("progress", "masking_check", "compare")}
+    args.update(device=str(device), overrides=dict(overrides) if overrides else None)
+    from monai.utils import set_determinism
+
     if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0:
         set_determinism(seed=seed)
     other = read_other_card(compare) if compare is not None else None

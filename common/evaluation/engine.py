@@ -552,8 +552,7 @@ def evaluate(
     rows = [row for _, blocks, _ in results for block in blocks.values() for row in block]
     if not rows:
         raise ValueError("data: no cases")
-    rows = [r for _, r in sorted(enumerate(rows), key=lambda t: (order[(t[1]["model"], t[1]["perturbation"],
-                                                                       t[1]["eps"], t[1]["sigma"])], t[0]))]
+    rows.sort(key=lambda r: order[(r["model"], r["perturbation"], r["eps"], r["sigma"])])  # stable: cases keep order
     artifacts = {key: value for _, _, a in results for key, value in a.items()}
     return Result(rows, artifacts, sum(r for _, r in parts))
 
