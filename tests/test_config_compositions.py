@@ -91,10 +91,15 @@ def test_certified_seg_networks_have_their_own_folders_in_any_order(net, target,
         assert p.get_parsed_content("ckpt_dir") == f"./models/{dataset}/{name}/{run}"
         assert p.get_parsed_content("output_dir") == f"./eval/{dataset}/{name}/{run}"
         assert not _unresolvable(p)
-    # the demo: the network's file after demo.json (demo.json sets the UNet's demo sizes and eval folder)
-    p = _parser("certified_seg", ["train.json", *variant, "demo.json", net])
-    assert p.get_parsed_content("ckpt_dir") == f"./demo/models/chest/{name}/{run}"
-    assert p.get_parsed_content("output_dir") == f"./demo/eval/chest/{name}/{run}"
+    # the demo, before or after the network's file; inference writes below the same folders
+    for files in (["demo.json", net], [net, "demo.json"]):
+        p = _parser("certified_seg", ["train.json", *variant, *files])
+        assert p.get("network_def#_target_") == f"common.networks.{target}"
+        assert p.get_parsed_content("ckpt_dir") == f"./demo/models/chest/{name}/{run}"
+        assert p.get_parsed_content("output_dir") == f"./demo/eval/chest/{name}/{run}"
+    for files, root in ((["inference.json", net], "."), (["inference.json", "inference_demo.json", net], "./demo")):
+        p = _parser("certified_seg", files)
+        assert p.get_parsed_content("output_dir") == f"{root}/eval/chest/{name}/base/inference"
 
 
 # ------------------------------------------------------------------------------------ NLCEN ablation
