@@ -28,7 +28,8 @@ FLOOR = (0.8, None)  # issue #18: clean Dice floor, WT / TC / ET of the 3D and t
 
 def _settings(quick: bool) -> dict[str, Any]:
     return {"phantom": [48, 48, 48], "crop": 24, "train": 24 if quick else 40, "test": 8 if quick else 16,
-            "epochs": 30 if quick else 50, "epochs_2d": 20 if quick else 30, "lr": 2e-3, "batch": 2, "batch_2d": 16,
+            "epochs": 20 if quick else 50, "test_slices_2d": 48 if quick else None, "epochs_2d": 20 if quick else 30,
+            "lr": 2e-3, "batch": 2, "batch_2d": 16,
             "base_filters": 8, "depth": 3, "temperatures": [10, 100], "eps": 0.05, "eps_grid": [0.01, 0.02, 0.05],
             "steps": 10, "steps_grid": [1, 2, 5, 10], "adv_eps": 0.05, "beta": 0.5, "noise_radius": 0.01}
 
@@ -103,6 +104,9 @@ def run(quick: bool, out_dir: Path, seed: int = 0) -> dict[str, Any]:
                                                   distill_objective)
     xs_tr, ys_tr = _slices(x_tr, y_tr)
     xs_te, ys_te = _slices(x_te, y_te)
+    if s["test_slices_2d"] is not None and len(xs_te) > s["test_slices_2d"]:  # evenly spaced subset (quick budget)
+        keep = torch.linspace(0, len(xs_te) - 1, s["test_slices_2d"]).round().long()
+        xs_te, ys_te = xs_te[keep], ys_te[keep]
     for name, objective in (("2D U-Net", None), ("2D FGSM adv. training", fgsm_objective), ("2D noise augmentation", "noise")):
         g = core.seed_everything(seed)
         obj = core.dicece_objective if objective is None else noise_objective_factory(g) if objective == "noise" else objective
@@ -199,7 +203,8 @@ def run(quick: bool, out_dir: Path, seed: int = 0) -> dict[str, Any]:
     settings = {
         "data": f"brain MRI phantoms (common.data.synthetic.brain_mri_phantom) {s['phantom']}, cropped to {s['crop']}³ "
                 f"around the tumour, channels divided by their maximum; {s['train']} train / {s['test']} test "
-                f"volumes; 2D: their axial tumour slices ({len(xs_tr)} / {len(xs_te)}); not BraTS",
+                f"volumes; 2D: their axial tumour slices ({len(xs_tr)} / {len(xs_te)}"
+                f"{', an evenly spaced subset of the test slices' if s['test_slices_2d'] else ''}); not BraTS",
         "networks": f"UNetBraTS base_filters {s['base_filters']}, depth {s['depth']}, 2 segmentation levels, no dropout; "
                     "3D and 2D",
         "training": f"Adam lr {s['lr']}; 3D {s['epochs']} epochs batch {s['batch']}, 2D {s['epochs_2d']} epochs batch "
