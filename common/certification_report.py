@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 from common.certify import ABSTAIN, CORRECTIONS
-from common.distributed import is_main_process  # noqa: F401 (tests/test_distributed.py patches it here)
 from common.evaluation.engine import Model, Scoring, clean, evaluate, run_and_write, smoothed
 from common.io import write_report_set
 from common.metrics import EMPTY_CLASS_RULE

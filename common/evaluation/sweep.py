@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from common.distributed import is_main_process  # noqa: F401 (tests/test_distributed.py patches it here)
 from common.evaluation.engine import ROW_KEYS, Scoring, attacked, clean, evaluate, run_and_write
 from common.io import write_report_set
 from common.metrics import EMPTY_CLASS_RULE
