@@ -6,8 +6,11 @@ BUNDLE is one of ``nlcen_lung``, ``unet3d_brats_distill``, ``resdsn_c2f_pancreas
 ``certified_seg``. Trains the models the paper's experiments need (``common.studies.<bundle>``), attacks them
 with the paper's attack and the worst-case attack, and writes ``DIR/results.json`` (clean Dice, findings
 with their evidence, tables, settings, time, command, commit, date), ``DIR/results.md`` and PNG plots.
-``--quick`` uses smaller phantoms and budgets (its measured CPU time per bundle is in each
-``results.json``'s ``seconds``; the BraTS quick study still needs ≈ 13 CPU-minutes). ``--update_docs`` then copies
+``--quick`` uses smaller phantoms and budgets (wall and CPU time, load and thread count of the run are in
+each ``results.json``: ``seconds``, ``cpu_seconds``, ``load_average``, ``threads``; on an idle 2-core machine
+every quick study takes 2.5-7.5 min). Results are seeded and repeat exactly for the same number of torch
+threads; a different thread count changes float summation order and the numbers in the third decimal.
+``--update_docs`` then copies
 ``results.json`` and the plots to ``bundles/BUNDLE/docs/`` and regenerates the README's section between
 ``<!-- reproduce:begin -->`` and ``<!-- reproduce:end -->`` and ``metadata.json``'s ``robustness_results``.
 ``--docs_only`` regenerates those from the committed ``bundles/BUNDLE/docs/results.json`` without running.

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 __all__ = ["STUDIES", "BUNDLES_DIR", "run_study", "check_bundle"]
 
 STUDIES = {
@@ -62,6 +64,8 @@ def run_study(bundle: str, quick: bool = False, out_dir: str | Path | None = Non
         "seconds": round(time.time() - start, 1),
         "cpu_seconds": round(time.process_time() - cpu_start, 1),
         "load_average": [round(v, 2) for v in os.getloadavg()],
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "command": command or f"python -m scripts.reproduce {bundle}" + (" --quick" if quick else "") + (f" --seed {seed}" if seed else ""),
         "commit": _commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
