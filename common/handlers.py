@@ -19,6 +19,7 @@ accumulation are not supported by these iterations (CPU-first project); they rai
 
 from __future__ import annotations
 
+import abc
 import csv
 import io
 import os
@@ -74,7 +75,7 @@ class _ObjectiveIteration:
         return engine.state.output
 
 
-class _PerturbedIteration(_ObjectiveIteration):
+class _PerturbedIteration(_ObjectiveIteration, abc.ABC):
     """β·L(x, y) + (1 − β)·L(x', y) for a perturbed batch x' (adversarial or noisy), in one step or, with
     ``sequential``, as two steps per batch: first on (1 − β)·L(x', y), then on β·L(x, y) with the updated
     weights (Liu et al., J. Digit. Imaging 2021: "for each batch of input data, we first trained the model
@@ -87,13 +88,13 @@ class _PerturbedIteration(_ObjectiveIteration):
         self.beta = float(beta)
         self.sequential = sequential
 
+    @abc.abstractmethod
     def perturbed_loss(self, engine, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """L(x', y), unweighted, from the current weights."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def joint_objective(self, engine, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor):
         """``(β·L(x, y) + (1 − β)·L(x', y), clean prediction or None)`` for one optimizer step."""
-        raise NotImplementedError
 
     def objective(self, engine, x, y):
         loss_fn = lambda pred, target: engine.loss_function(pred, target).mean()  # noqa: E731
