@@ -137,10 +137,7 @@ def run_attack(attack: Callable, x: torch.Tensor, y: torch.Tensor, batch_size: i
 
 def worst_case_name() -> str:
     """Name of the worst-case attack :func:`worst_case` runs (stated in every study's settings)."""
-    if hasattr(attacks, "worst_case_attack"):
-        return "common.attacks.worst_case_attack (SEA-style per-case worst case, issue #14)"
-    return ("per-case worst of PGD-CE and PGD-soft-Dice (Madry et al. 2018; 20 steps, α = ε/8, random start); "
-            "common.attacks.worst_case_attack not available in this commit")
+    return "common.attacks.worst_case_attack (SEA-style per-case worst case, issue #14)"
 
 
 def worst_case(
@@ -149,37 +146,17 @@ def worst_case(
     y: torch.Tensor,
     eps: float,
     clip: Sequence[float] | None = (0.0, 1.0),
-    num_classes: int = 2,
-    regions: Mapping[str, Sequence[int]] | None = None,
     batch_size: int = 8,
     seed: int = 0,
-    steps: int = 20,
 ) -> torch.Tensor:
-    """Per-case worst adversarial input at L∞ radius ``eps``: ``common.attacks.worst_case_attack`` when the
-    library has it, otherwise the per-case minimum of mean foreground Dice over PGD with CE and with
-    soft-Dice loss (``steps`` steps, α = ε/8, random start from ``seed``)."""
+    """Per-case worst adversarial input at L∞ radius ``eps`` (N, C, *spatial):
+    ``common.attacks.worst_case_attack`` (the default ensemble) in batches of ``batch_size``; each case keeps
+    the member's input with the lowest mean foreground-class Dice (``common.attacks.case_dice``)."""
     if eps == 0:
         return x.clone()
-    if hasattr(attacks, "worst_case_attack"):
-        outs = []
-        for s in range(0, x.shape[0], batch_size):
-            r = attacks.worst_case_attack(forward, x[s : s + batch_size], y[s : s + batch_size], eps=eps, clip=clip,
-                                          seed=seed)
-            outs.append(r[0] if isinstance(r, tuple) else r)
-        return torch.cat(outs)
-    best, best_dice = None, None
-    for loss in ("ce", "dice"):
-        torch.manual_seed(seed)
-        atk = attacks.PGD(forward, eps=eps, alpha=eps / 8, steps=steps, loss=loss, clip=clip)
-        x_adv = run_attack(atk, x, y, batch_size)
-        d = torch.as_tensor(case_scores(forward, x_adv, y, num_classes, regions=regions, batch_size=batch_size)["mean"])
-        if best is None:
-            best, best_dice = x_adv, d
-        else:
-            take = d < best_dice
-            best[take] = x_adv[take]
-            best_dice = torch.minimum(best_dice, d)
-    return best
+    outs = [attacks.worst_case_attack(forward, x[s : s + batch_size], y[s : s + batch_size], eps=eps, clip=clip,
+                                      seed=seed) for s in range(0, x.shape[0], batch_size)]
+    return torch.cat(outs)
 
 
 def paired_wilcoxon(a: Sequence[float], b: Sequence[float], alternative: str = "greater") -> float:

@@ -147,11 +147,10 @@ def run(quick: bool, out_dir: Path, seed: int = 0) -> dict[str, Any]:
         r[f"FGSM {eps:g}"] = scores(net, core.run_attack(FGSM(net, eps, loss="dice", clip=(0, 1)), x, y, 4), y)
         r[f"i-FGSM {eps:g}"] = scores(net, core.run_attack(IFGSM(net, eps, steps=s["steps"], loss="dice", clip=(0, 1)),
                                                            x, y, 4), y)
-        r[f"worst {eps:g}"] = scores(net, core.worst_case(net, x, y, eps, num_classes=4, regions=REGIONS, batch_size=4,
-                                                          seed=seed), y)
+        r[f"worst {eps:g}"] = scores(net, core.worst_case(net, x, y, eps, batch_size=4, seed=seed), y)
         if isinstance(net, LogitScale):  # the same attack on z / T = u: no saturated softmax to hide behind
-            r[f"worst {eps:g}, logits/T"] = scores(net, core.worst_case(net.net, x, y, eps, num_classes=4,
-                                                                        regions=REGIONS, batch_size=4, seed=seed), y)
+            r[f"worst {eps:g}, logits/T"] = scores(net, core.worst_case(net.net, x, y, eps, batch_size=4,
+                                                                        seed=seed), y)
             r[f"worst {eps:g}, per-case min"] = {k: np.minimum(r[f"worst {eps:g}"][k], r[f"worst {eps:g}, logits/T"][k])
                                                  for k in r[f"worst {eps:g}"]}
         res[name] = r
