@@ -69,9 +69,16 @@ def _per_axis_ints(value: int | Sequence[int], ndim: int, name: str) -> tuple[in
     return tuple(int(v) for v in values)
 
 
-def bounding_box(mask: Array, margin: int | Sequence[int] = 0) -> Box | None:
+def bounding_box(
+    mask: Array, margin: int | Sequence[int] = 0, min_size: int | Sequence[int] | None = None
+) -> Box | None:
     """The box covering every non-zero voxel of ``mask`` (*spatial), widened by ``margin`` voxels on
     both sides of each axis (an int or one int per axis) and clipped to the volume: Crop[·; P, m] of Eq. 4.
+
+    ``min_size`` (an int or one int per axis; None: off) widens an axis shorter than it symmetrically,
+    shifted to stay inside the volume and capped at the volume's size, so that a fine model run by
+    sliding windows of that size sees the volume's own voxels instead of the inferer's padding (a small
+    organ plus margin m can be shorter than the window; the paper's crops on NIH CT are not).
 
     Returns one ``slice`` per spatial axis, or ``None`` when ``mask`` has no non-zero voxel (callers
     fall back to the coarse prediction). MONAI's ``generate_spatial_bounding_box`` computes the box.
@@ -79,10 +86,18 @@ def bounding_box(mask: Array, margin: int | Sequence[int] = 0) -> Box | None:
     if not isinstance(mask, (torch.Tensor, np.ndarray)) or mask.ndim < 1:
         raise ValueError(f"mask: expected a tensor or array of shape (*spatial), got {type(mask).__name__}")
     margin = _per_axis_ints(margin, mask.ndim, "margin")
+    sizes = (0,) * mask.ndim if min_size is None else _per_axis_ints(min_size, mask.ndim, "min_size")
     if not bool(mask.any()):
         return None
     start, end = generate_spatial_bounding_box(mask[None], margin=margin, allow_smaller=True)
-    return tuple(slice(int(s), int(e)) for s, e in zip(start, end))
+    box = []
+    for s, e, want, n in zip(map(int, start), map(int, end), sizes, mask.shape):
+        want = min(want, int(n))
+        if e - s < want:
+            s = min(max(s - (want - (e - s)) // 2, 0), int(n) - want)
+            e = s + want
+        box.append(slice(s, e))
+    return tuple(box)
 
 
 def _check_box(box: Box, shape: Sequence[int], name: str) -> None:
@@ -104,7 +119,11 @@ def crop_to_box(x: Array, box: Box) -> Array:
 
 
 def fine_input(
-    x: torch.Tensor, coarse_mask: torch.Tensor, margin: int | Sequence[int], mask_input: bool = True
+    x: torch.Tensor,
+    coarse_mask: torch.Tensor,
+    margin: int | Sequence[int],
+    mask_input: bool = True,
+    min_size: int | Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, Box] | tuple[None, None]:
     """Eq. 4: X_F = Crop[X_C ⊗ P_C; P_C, m] for one case.
 
@@ -115,6 +134,7 @@ def fine_input(
         mask_input: multiply X_C by P_C before cropping (the ⊗ of Eq. 4, the default). The paper's
             training recipe for the fine model (Sec. 4.1.1: patches from ground-truth boxes) does not
             mention the product, so ``False`` crops the raw input for a fine model trained that way.
+        min_size: the box's smallest size per axis (:func:`bounding_box`); None keeps the paper's box.
 
     Returns ``(x_f, box)`` with x_f (C, *box_size), or ``(None, None)`` for an empty ``coarse_mask``.
     """
@@ -122,7 +142,7 @@ def fine_input(
         raise ValueError(
             f"coarse_mask: shape {tuple(coarse_mask.shape)} differs from x's spatial {tuple(x.shape[1:])}"
         )
-    box = bounding_box(coarse_mask, margin)
+    box = bounding_box(coarse_mask, margin, min_size)
     if box is None:
         return None, None
     source = x * (coarse_mask != 0).to(x.dtype) if mask_input else x
@@ -347,6 +367,7 @@ def coarse_to_fine_predict(
     mask_input: bool = True,
     clean_coarse: bool = True,
     return_coarse: bool = False,
+    min_size: int | Sequence[int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """ResDSN C2F at test time (Fig. 2, Eq. 4–5), without gradients.
 
@@ -363,6 +384,7 @@ def coarse_to_fine_predict(
         coarse_forward, fine_forward: ``x -> logits (B, K, *spatial)`` (networks or sliding-window
             inferers, e.g. :class:`SlidingWindowN` with n = 6 and n = 12); K = 1 means sigmoid logits.
         margin: the crop padding m in voxels (int or per axis).
+        min_size: the crop's smallest size per axis, e.g. the fine window (:func:`bounding_box`); None: off.
 
     Returns the C2F labels (B, 1, *spatial) int64, and the (cleaned) coarse labels as well with
     ``return_coarse`` (the "ResDSN Coarse" row computed from the same pass).
@@ -375,7 +397,7 @@ def coarse_to_fine_predict(
         coarse = remove_small_components(coarse, min_fraction, spatial_dims)
     pred = coarse.clone()
     for b in range(x.shape[0]):
-        x_f, box = fine_input(x[b], coarse[b, 0], margin, mask_input)
+        x_f, box = fine_input(x[b], coarse[b, 0], margin, mask_input, min_size)
         if box is None:
             continue
         fine = _forward_labels(fine_forward, x_f[None], "fine_forward")
@@ -396,6 +418,7 @@ class CoarseToFine:
         min_fraction: float = 0.2,
         mask_input: bool = True,
         clean_coarse: bool = True,
+        min_size: int | Sequence[int] | None = None,
     ) -> None:
         for name, fn in (("coarse_forward", coarse_forward), ("fine_forward", fine_forward)):
             if not callable(fn):
@@ -404,11 +427,12 @@ class CoarseToFine:
         self.margin = margin
         self.min_fraction = check_probability(min_fraction, "min_fraction", open_interval=False)
         self.mask_input, self.clean_coarse = bool(mask_input), bool(clean_coarse)
+        self.min_size = min_size
 
     def __call__(self, x: torch.Tensor, return_coarse: bool = False):
         return coarse_to_fine_predict(
             x, self.coarse_forward, self.fine_forward, self.margin, self.min_fraction,
-            self.mask_input, self.clean_coarse, return_coarse,
+            self.mask_input, self.clean_coarse, return_coarse, self.min_size,
         )
 
 
@@ -450,7 +474,7 @@ class CoarseToFineLogits(CoarseToFine):
                 coarse = remove_small_components(coarse, self.min_fraction, x.ndim - 2)
         cases = []
         for b in range(x.shape[0]):
-            x_f, box = fine_input(x[b], coarse[b, 0], self.margin, self.mask_input)
+            x_f, box = fine_input(x[b], coarse[b, 0], self.margin, self.mask_input, self.min_size)
             if box is None:
                 cases.append(coarse_logits[b])
                 continue

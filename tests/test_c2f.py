@@ -45,6 +45,34 @@ def test_bounding_box_adds_margin_and_clips_to_the_volume():
         bounding_box(mask, (1, 2))
 
 
+def test_bounding_box_min_size_widens_short_axes_inside_the_volume():
+    mask = np.zeros((10, 10, 6), dtype=np.uint8)
+    mask[1:3, 8, 2:5] = 1  # axis 0: [1, 3), axis 1: [8, 9) at the far face, axis 2: [2, 5)
+    # axis 0: 2 → 4, widened by 1 on each side; axis 1: 1 → 4, would end at 11, shifted back to [6, 10);
+    # axis 2: 3 voxels, 8 wanted but the volume has 6 → the whole axis
+    assert bounding_box(mask, 0, (4, 4, 8)) == (slice(0, 4), slice(6, 10), slice(0, 6))
+    # an axis already as long as min_size is left as the margin made it
+    assert bounding_box(mask, 1, 3) == (slice(0, 4), slice(7, 10), slice(1, 6))
+    assert bounding_box(mask, 1, None) == bounding_box(mask, 1)
+    with pytest.raises(ValueError, match="^min_size"):
+        bounding_box(mask, 0, (4, 4))
+
+
+def test_coarse_to_fine_min_size_gives_the_fine_model_a_window_sized_crop():
+    x = torch.zeros(1, 1, 16, 16, 16)
+    x[0, 0, 6:9, 7:8, 6:10] = 2.0  # a small organ: box 3 x 1 x 4
+    calls: list = []
+    pred = coarse_to_fine_predict(x, _threshold_forward(0.5), _threshold_forward(1.5, calls=calls), margin=1,
+                                  min_size=8)
+    assert calls[0].shape == (1, 1, 8, 8, 8)  # 5 x 3 x 6 with the margin, widened to the window
+    assert torch.equal(calls[0], x[..., 4:12, 4:12, 4:12])  # each axis widened about the box
+    expected = (x > 1.5).long()
+    assert torch.equal(pred, expected)
+    assert torch.equal(CoarseToFine(_threshold_forward(0.5), _threshold_forward(1.5), 1, min_size=8)(x), expected)
+    logits = CoarseToFineLogits(_threshold_forward(0.5), _threshold_forward(1.5), 1, min_size=8)(x)
+    assert torch.equal(logits.argmax(1, keepdim=True), expected)
+
+
 @pytest.mark.parametrize("as_torch", [False, True])
 def test_crop_then_decrop_is_identity_in_the_box_and_keeps_the_rest(as_torch):
     rng = np.random.default_rng(0)

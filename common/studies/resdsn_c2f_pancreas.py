@@ -86,8 +86,10 @@ def run(quick: bool, out_dir: Path, seed: int = 0) -> dict[str, Any]:
     dice: dict[str, dict[str, np.ndarray]] = {}
     fine_only = core.case_scores(fine_forward, x_te, y_te, 2, ["pancreas"], batch_size=2)["pancreas"]
     for name, cnet in pipelines.items():
-        c2f = CoarseToFine(cnet, fine_forward, s["margin"], mask_input=False)
-        c2f_logits = CoarseToFineLogits(cnet, fine_forward, s["margin"], mask_input=False)
+        # the crop at least one fine window wide: the phantom pancreas plus margin is shorter than the window
+        # on some axis, and the sliding window would pad it with zeros the fine model never saw in training
+        c2f = CoarseToFine(cnet, fine_forward, s["margin"], mask_input=False, min_size=s["patch"])
+        c2f_logits = CoarseToFineLogits(cnet, fine_forward, s["margin"], mask_input=False, min_size=s["patch"])
         atk = IFGSM(cnet, eps=s["eps"], alpha=s["alpha"], steps=s["steps"], loss="ce", clip=(0.0, 1.0))
         x_adv = core.run_attack(atk, x_te, y_te, 2)
         x_worst = core.worst_case(c2f_logits, x_te, y_te, s["eps"], batch_size=2, seed=seed)
@@ -140,7 +142,8 @@ def run(quick: bool, out_dir: Path, seed: int = 0) -> dict[str, Any]:
                 f"{list(HU)} scaled to [0, 1]; {s['train']} train / {s['test']} test volumes; not NIH Pancreas-CT",
         "networks": f"ResDSN (long residuals, deep supervision), coarse channels {s['coarse_channels']} on whole "
                     f"volumes, fine channels {s['fine_channels']} on {s['patch']}³ pancreas-centred patches "
-                    f"({s['patches_per_case']} per case); C2F margin {s['margin']} voxels, raw (unmasked) crop",
+                    f"({s['patches_per_case']} per case); C2F margin {s['margin']} voxels, the crop widened "
+                    f"to at least one fine window ({s['patch']}³, min_size) inside the volume, raw (unmasked) crop",
         "training": f"Adam lr {s['lr']}, Dice+CE on every head; coarse {s['coarse_epochs']} epochs batch "
                     f"{s['coarse_batch']}, fine {s['fine_epochs']} epochs batch {s['fine_batch']}; PGD training: "
                     f"the trained coarse model fine-tuned {s['adv_epochs']} epochs at lr/2 on PGD examples only "

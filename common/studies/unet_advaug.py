@@ -78,6 +78,10 @@ def run(quick: bool, out_dir: Path, seed: int = 0) -> dict[str, Any]:
         y_aug = torch.cat([y_tr] * (1 + len(methods)))
         models[f"U-Net + {name}"] = fit(f"U-Net + {name}", x_aug, y_aug)
 
+    # the setting the augmentation copies come from: FGSM test inputs made with the undefended U-Net's gradient,
+    # fed to every model (a transfer attack; for the U-Net itself it is its white-box FGSM)
+    transfer = f"FGSM {s['aug_eps']:g} from U-Net"
+    x_transfer = core.run_attack(FGSM(models["U-Net"], s["aug_eps"], clip=(0.0, 1.0)), x_te, y_te, 32)
     iou: dict[str, dict[str, np.ndarray]] = {m: {} for m in models}
     clean_dice = {}
     for name, net in models.items():
@@ -87,6 +91,7 @@ def run(quick: bool, out_dir: Path, seed: int = 0) -> dict[str, Any]:
             for e in s["eval_eps"]:
                 x_adv = core.run_attack(cls(net, e, clip=(0.0, 1.0)), x_te, y_te, 32)
                 iou[name][f"{aname} {e:g}"] = core.case_scores(net, x_adv, y_te, 2, ["lesion"], metric="iou")["lesion"]
+        iou[name][transfer] = core.case_scores(net, x_transfer, y_te, 2, ["lesion"], metric="iou")["lesion"]
         for e in s["worst_eps"]:
             x_adv = core.worst_case(net, x_te, y_te, e, batch_size=32, seed=seed)
             iou[name][f"worst {core.eps_label(e)}"] = core.case_scores(net, x_adv, y_te, 2, ["lesion"],
@@ -126,6 +131,13 @@ def run(quick: bool, out_dir: Path, seed: int = 0) -> dict[str, Any]:
             f"{PAPER}, Table 2: {name} augmentation makes the U-Net more robust to FGSM (ε = {s['aug_eps']})",
             iou[m][f"FGSM {s['aug_eps']:g}"], iou[base][f"FGSM {s['aug_eps']:g}"], m, base,
             f"test IoU under FGSM ε = {s['aug_eps']}"))
+    for name in METHOD_SETS:
+        m = f"U-Net + {name}"
+        findings.append(core.compare(
+            f"{PAPER}, Table 2: {name} augmentation makes the U-Net more robust to FGSM (ε = {s['aug_eps']}) — "
+            "checked as a transfer attack, FGSM inputs made with the undefended U-Net (the model that made the "
+            "augmentation copies)", iou[m][transfer], iou[base][transfer], m, base,
+            f"test IoU under FGSM ε = {s['aug_eps']} crafted on the U-Net"))
     we = f"worst {core.eps_label(s['worst_eps'][-1])}"
     m = "U-Net + FGSM + InvFGSM"
     findings.append(core.compare(
@@ -143,6 +155,9 @@ def run(quick: bool, out_dir: Path, seed: int = 0) -> dict[str, Any]:
         "scale of ε": f"the phantom lesion is 30-50 HU below the liver, i.e. 0.09-0.15 of the window; the augmentation "
                       f"ε = {s['aug_eps']} is {s['aug_eps'] * (HU_WINDOW[1] - HU_WINDOW[0]):.0f} HU, enough for an FGSM "
                       "copy to erase much of the lesion's contrast while keeping its mask",
+        "white-box vs transfer": "every attack uses the attacked model's own gradient (white box), except "
+                                 f"the column '{transfer}': FGSM test inputs made once with the undefended U-Net "
+                                 "and fed to every model, the setting in which the augmentation copies were made",
         "worst-case attack": core.worst_case_name(),
         "metric": "IoU (Jaccard) of the lesion per slice; Wilcoxon units are slices (not independent within a volume)",
         "seed": seed,
