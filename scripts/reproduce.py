@@ -8,8 +8,11 @@ with the paper's attack and the worst-case attack, and writes ``DIR/results.json
 with their evidence, tables, settings, time, command, commit, date), ``DIR/results.md`` and PNG plots.
 ``--quick`` uses smaller phantoms and budgets (wall and CPU time, load and thread count of the run are in
 each ``results.json``: ``seconds``, ``cpu_seconds``, ``load_average``, ``threads``; on an idle 2-core machine
-every quick study takes 2.5-7.5 min). Results are seeded and repeat exactly for the same number of torch
-threads; a different thread count changes float summation order and the numbers in the third decimal.
+every quick study takes 2-7.5 min). Results are seeded and repeat exactly on the same machine with the
+same number of torch threads (two quick NLCEN runs: identical ``results.json`` numbers). A different thread
+count, or another CPU (its vector kernels), changes float summation order: NLCEN's quick numbers moved in the
+4th decimal between two machine instances, the small 3D ResDSN quick study's coarse Dice by 0.04 — the
+training of 20 phantoms amplifies rounding; the findings' p-values say how much a difference means.
 ``--update_docs`` then copies
 ``results.json`` and the plots to ``bundles/BUNDLE/docs/`` and regenerates the README's section between
 ``<!-- reproduce:begin -->`` and ``<!-- reproduce:end -->`` and ``metadata.json``'s ``robustness_results``.
