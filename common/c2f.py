@@ -427,6 +427,8 @@ class CoarseToFine:
         self.margin = margin
         self.min_fraction = check_probability(min_fraction, "min_fraction", open_interval=False)
         self.mask_input, self.clean_coarse = bool(mask_input), bool(clean_coarse)
+        if min_size is not None:  # checked here, before any forward pass; the axis count is checked per volume
+            _per_axis_ints(min_size, 1 if np.isscalar(min_size) else len(min_size), "min_size")
         self.min_size = min_size
 
     def __call__(self, x: torch.Tensor, return_coarse: bool = False):

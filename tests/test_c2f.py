@@ -71,6 +71,8 @@ def test_coarse_to_fine_min_size_gives_the_fine_model_a_window_sized_crop():
     assert torch.equal(CoarseToFine(_threshold_forward(0.5), _threshold_forward(1.5), 1, min_size=8)(x), expected)
     logits = CoarseToFineLogits(_threshold_forward(0.5), _threshold_forward(1.5), 1, min_size=8)(x)
     assert torch.equal(logits.argmax(1, keepdim=True), expected)
+    with pytest.raises(ValueError, match="^min_size"):
+        CoarseToFine(_threshold_forward(0.5), _threshold_forward(1.5), 1, min_size=-8)
 
 
 @pytest.mark.parametrize("as_torch", [False, True])
@@ -364,7 +366,7 @@ class _OriginRecorder(torch.nn.Module):
         self.origins: list[int] = []
 
     def forward(self, x):
-        self.origins += [int(round(float(v))) for v in x[:, 0, 0, 0, 0]]
+        self.origins += [int(round(float(v))) for v in x.detach()[:, 0, 0, 0, 0]]
         return self.w.view(1, 2, 1, 1, 1) * x
 
 

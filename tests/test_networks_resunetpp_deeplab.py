@@ -98,7 +98,7 @@ def test_a_few_training_steps_lower_the_loss_on_chest_phantoms(name):
         loss = loss_fn(net(x), y)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.detach().item())
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
 
 
