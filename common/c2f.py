@@ -78,7 +78,7 @@ def bounding_box(
     ``min_size`` (an int or one int per axis; None: off) widens an axis shorter than it symmetrically,
     shifted to stay inside the volume and capped at the volume's size, so that a fine model run by
     sliding windows of that size sees the volume's own voxels instead of the inferer's padding (a small
-    organ plus margin m can be shorter than the window; the paper's crops on NIH CT are not).
+    organ plus margin m can be shorter than the window; on NIH CT with m = 20 and 64³ windows it rarely is).
 
     Returns one ``slice`` per spatial axis, or ``None`` when ``mask`` has no non-zero voxel (callers
     fall back to the coarse prediction). MONAI's ``generate_spatial_bounding_box`` computes the box.
