@@ -5,8 +5,9 @@
 - :func:`temperature_softmax` and :class:`DistillationDiceLoss`: Eq. 4 and Eq. 7 (defensive distillation).
 - :class:`SegmentationLoss`: the attack losses with a per-image value and optional per-pixel weights —
   CE, soft Dice, Dice + CE and the SEA losses of Croce, Singh, Hein, ECCV 2024 (masked CE, class-balanced
-  masked CE, Jensen–Shannon divergence to the one-hot label), for softmax networks and, channel by
-  channel in binary form, for sigmoid multi-label networks.
+  masked CE, Jensen–Shannon divergence to the one-hot label) and a masked logit margin (invariant to the
+  scale of the logits), for softmax networks and, channel by channel in binary form, for sigmoid
+  multi-label networks.
 - :func:`resolve_loss`: turns a name of :data:`LOSS_NAMES` or a callable into ``(logits, y) -> scalar``.
 
 Shapes: logits (B, K, *spatial) with K ≥ 2 (softmax) or K = 1 (binary, sigmoid); labels are integer maps
@@ -32,12 +33,19 @@ __all__ = [
     "resolve_loss",
     "SegmentationLoss",
     "LOSS_NAMES",
+    "RESCALED_MARGIN",
     "OUTPUTS",
     "pack_bits",
     "unpack_bits",
 ]
 
-LOSS_NAMES = ("ce", "dice", "dicece", "masked_ce", "balanced_masked_ce", "js")
+_PROBABILITY_LOSSES = ("ce", "dice", "dicece", "masked_ce", "balanced_masked_ce", "js")
+#: every loss name: the losses of the probabilities, the logit margin, and each probability loss of the logits
+#: rescaled per image (``"rescaled_<name>"``, :meth:`SegmentationLoss.rescaled`)
+LOSS_NAMES = (*_PROBABILITY_LOSSES, "margin", *(f"rescaled_{n}" for n in _PROBABILITY_LOSSES))
+#: median top-2 logit margin the ``"rescaled_*"`` losses rescale every image's logits to: softmax probability
+#: 1 / (1 + e^-4) = 0.982 for the median pixel, far from float32 saturation (margin 24 ln 2 ≈ 16.6).
+RESCALED_MARGIN = 4.0
 #: how logits become probabilities: "auto" (softmax for K ≥ 2, sigmoid for K = 1), "softmax", "sigmoid" (K
 #: independent binary channels).
 OUTPUTS = ("auto", "softmax", "sigmoid")
@@ -194,6 +202,15 @@ class SegmentationLoss(nn.Module):
       2021, background excluded, γ = 1e-5), equal to it in value; sigmoid: 1 − mean over channels of
       (2 Σ p y + γ) / (Σ p + Σ y + γ).
     - ``"dicece"``: CE + Dice as MONAI's ``DiceCELoss`` (softmax: background excluded from the Dice term).
+    - ``"margin"``: −(z_y − max_{k≠y} z_k) on the pixels still classified correctly, 0 elsewhere, mean over
+      pixels (the logit margin of Carlini & Wagner, IEEE S&P 2017, masked as SEA's Mask-CE); sigmoid:
+      −(2t − 1) z per channel. Logits multiplied by s > 0 multiply it by s, so a sign-gradient attack on
+      it (FGSM, I-FGSM, APGD) does the same thing at any logit scale: a saturated softmax, whose
+      probability losses above have a vanishing gradient, cannot hide from it.
+    - ``"rescaled_<name>"`` (``"rescaled_dice"``, ``"rescaled_js"``, …): loss ``<name>`` of the logits
+      rescaled per image to a median top-2 margin of :data:`RESCALED_MARGIN` (:meth:`rescaled`; the
+      "rescaled logits" of Carlini & Wagner, arXiv:1607.04311, with the scale read from the image instead
+      of a known temperature): invariant to the logit scale like ``"margin"``, with the shape of ``<name>``.
 
     ``output``: ``"auto"`` (softmax over K ≥ 2 channels; a single channel is one sigmoid, i.e. the
     two-class distribution [1 − p, p]), ``"softmax"`` or ``"sigmoid"`` (K independent binary channels,
@@ -215,6 +232,8 @@ class SegmentationLoss(nn.Module):
             raise ValueError(f"gamma: must be > 0, got {gamma}")
         self.name, self.output, self.gamma = name, output, float(gamma)
         self.__name__ = name
+        self.rescale = name.startswith("rescaled_")
+        self.base = name[len("rescaled_"):] if self.rescale else name
 
     def mode(self, logits: torch.Tensor) -> str:
         """``"softmax"`` or ``"sigmoid"`` for these logits."""
@@ -247,12 +266,35 @@ class SegmentationLoss(nn.Module):
         correct = (logits > 0) == (t > 0.5)
         return log_p_true, correct
 
+    def margin(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The logit margin per pixel, positive where the prediction is right: z_y − max_{k≠y} z_k
+        (B, *spatial) for softmax, (2t − 1) z (B, K, *spatial) for sigmoid channels."""
+        if self.mode(logits) == "softmax":
+            labels = y[:, :1].long()
+            z_true = logits.gather(1, labels)[:, 0]
+            return z_true - logits.scatter(1, labels, float("-inf")).amax(1)
+        return (2 * self.binary_labels(logits, y) - 1) * logits
+
+    def rescaled(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``logits`` multiplied, per image, by RESCALED_MARGIN / (median over pixels of |:meth:`margin`|; the
+        lower median for an even count, as ``torch.median``), the factor detached (a per-image temperature):
+        the same logits at every scale s > 0, the median pixel far from float32 saturation."""
+        spread = self.margin(logits, y).detach().abs().flatten(1).median(1).values
+        factor = RESCALED_MARGIN / spread.clamp_min(torch.finfo(logits.dtype).tiny)
+        return logits * factor.view(-1, *([1] * (logits.ndim - 1)))
+
     def per_image(self, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        if self.name == "dice":
+        if self.rescale:
+            logits = self.rescaled(logits, y)
+        if self.base == "margin":
+            term = -self.margin(logits, y).clamp_min(0)
+            w = 1.0 if weight is None else weight.to(term.dtype).expand_as(term)
+            return (term * w).flatten(1).mean(1)
+        if self.base == "dice":
             return self._dice(logits, y, weight, paper=True)
-        if self.name == "dicece":
+        if self.base == "dicece":
             return self._per_pixel("ce", logits, y, weight) + self._dice(logits, y, weight, paper=False)
-        return self._per_pixel(self.name, logits, y, weight)
+        return self._per_pixel(self.base, logits, y, weight)
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.per_image(logits, y).mean()

@@ -9,7 +9,8 @@ attacking the logits divided by T, or a scale-invariant margin loss, removes the
 
 :func:`masking_diagnostics` runs, on one batch and an ε grid, six checks, each with every attack loss in
 ``losses`` — by default ``"ce"`` (cross-entropy: the loss a saturated softmax starves, so masking shows)
-and ``"margin"`` (:class:`MarginLoss`, invariant to any rescaling of the logits):
+and ``"margin"`` (the masked logit margin of :class:`common.losses.SegmentationLoss`, invariant to any
+rescaling of the logits):
 
 (a) ``monotone``: mean Dice under the attack does not increase with ε (clean Dice at ε = 0 included);
 (b) ``large_eps``: at an ε covering the whole input range the strongest attack reaches its goal (mean
@@ -48,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from common.attacks import APGD, FGSM, case_dice
-from common.losses import LOSS_NAMES, SegmentationLoss
+from common.losses import LOSS_NAMES, RESCALED_MARGIN, SegmentationLoss
 from common.validation import (
     check_clip,
     check_image,
@@ -58,54 +59,16 @@ from common.validation import (
     main_output,
 )
 
-__all__ = ["masking_diagnostics", "gradient_health", "MarginLoss", "CHECKS", "RESCALED_MARGIN"]
+__all__ = ["masking_diagnostics", "gradient_health", "CHECKS", "RESCALED_MARGIN"]
 
 CHECKS = (
     "monotone", "large_eps", "iterative_vs_single_step", "noise_weaker", "transfer_weaker", "gradient_health",
 )
-#: median top-2 logit margin of the automatic rescaled-logits surrogate: softmax probability
-#: 1 / (1 + e^-4) = 0.982 for the median pixel, far from float32 saturation (margin ≈ 16.6).
-RESCALED_MARGIN = 4.0
 
 
-class MarginLoss:
-    """Masked logit-margin attack loss, per pixel −(z_y − max_{k≠y} z_k) on the pixels still classified
-    correctly, mean over pixels (the margin of Carlini & Wagner, IEEE S&P 2017, masked as SEA's Mask-CE of
-    Croce, Singh, Hein, ECCV 2024). Sigmoid channels: −(2t − 1) z. Multiplying the logits by s > 0
-    multiplies the loss by s, so a sign-gradient attack on it is unchanged by any logit scale — the
-    saturation that starves cross-entropy cannot hide it. Not in :mod:`common.losses` because no paper
-    of the project attacks with it; it exists here to expose masking.
-    """
-
-    __name__ = "margin"
-
-    def __init__(self, output: str = "auto") -> None:
-        self._mode = SegmentationLoss("ce", output=output)
-
-    def per_image(self, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None):
-        """(B,) loss values; ``weight`` (B, *spatial) or (B, K, *spatial) multiplies every pixel's term."""
-        if self._mode.mode(logits) == "softmax":
-            labels = y[:, :1].long()
-            z_true = logits.gather(1, labels)[:, 0]
-            others = logits.scatter(1, labels, float("-inf"))
-            margin = z_true - others.amax(1)
-        else:
-            t = self._mode.binary_labels(logits, y)
-            margin = (2 * t - 1) * logits
-        term = -margin * (margin > 0).to(margin.dtype)
-        if weight is not None:
-            term = term * weight.to(term.dtype).expand_as(term)
-        return term.flatten(1).mean(1)
-
-    def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.per_image(logits, y).mean()
-
-
-def _attack_loss(name: str, output: str):
-    if name == "margin":
-        return MarginLoss(output)
+def _attack_loss(name: str) -> str:
     if name not in LOSS_NAMES:
-        raise ValueError(f"losses: expected names of {LOSS_NAMES + ('margin',)}, got {name!r}")
+        raise ValueError(f"losses: expected names of {LOSS_NAMES}, got {name!r}")
     return name
 
 
@@ -177,8 +140,7 @@ def masking_diagnostics(
     Args:
         eps_values: ε grid in input units (> 0).
         clip: valid input range; ``large_eps`` defaults to its width.
-        losses: attack losses, each run through every check: names of :data:`common.losses.LOSS_NAMES`
-            or ``"margin"`` (:class:`MarginLoss`).
+        losses: attack losses, each run through every check: names of :data:`common.losses.LOSS_NAMES`.
         steps: APGD iterations of the default attack.
         attack: ``attack(forward, eps, loss) -> (x, y) -> x_adv`` (``loss`` a name or a loss object);
             default APGD (``steps``, lowest-Dice iterate per case).
@@ -214,7 +176,7 @@ def masking_diagnostics(
     large_eps_steps = max(steps, check_positive_int(large_eps_steps, "large_eps_steps"))
     if isinstance(losses, str) or not losses:
         raise ValueError(f"losses: expected a non-empty list of loss names, got {losses!r}")
-    loss_objs = {name: _attack_loss(name, output) for name in losses}
+    loss_objs = {name: _attack_loss(name) for name in losses}
     if temperature is not None:
         temperature = check_nonnegative(temperature, "temperature")
         if temperature == 0:
@@ -261,7 +223,7 @@ def masking_diagnostics(
             single[name].append(dice(FGSM(forward, eps, loss=loss, clip=clip, output=output)(x, y)))
             if surrogate is not None:
                 transfer[name].append(dice(attack(surrogate, eps, loss)(x, y)))
-    large_losses = {**loss_objs, "js": loss_objs.get("js", _attack_loss("js", output))}
+    large_losses = {**loss_objs, "js": "js"}
     for name, loss in large_losses.items():
         large[name] = dice(large_attack(forward, large_eps, loss)(x, y))
 

@@ -373,6 +373,23 @@ def test_case_dice_hand_computed():
     assert case_dice(logits, y).item() == pytest.approx(1 / 3)
     assert case_dice(logits, y, classes=2).item() == 0.0
     assert case_dice(logits, y, classes=[1, 2]).item() == pytest.approx(0.5)
+    # several regions: their mean — {1, 2} 1/2 and {2} 0 → 1/4 (BraTS WT / TC / ET are given this way)
+    assert case_dice(logits, y, classes=[[1, 2], [2]]).item() == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="^classes"):
+        case_dice(logits[:, :1], y.clamp(max=1), classes=[[0]])
+
+
+def test_case_dice_over_regions_equals_the_reported_region_metric():
+    # the worst case must choose by what a study reports: mean region Dice of common.metrics
+    from common.metrics import segmentation_scores
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 6, 6, 6, generator=g)
+    y = torch.randint(0, 4, (3, 1, 6, 6, 6), generator=g)
+    regions = {"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]}
+    scores = segmentation_scores(logits.argmax(1, keepdim=True), y, 4, regions=regions)
+    expected = torch.stack([scores[f"dice_{k}"] for k in regions], 1).mean(1)
+    np.testing.assert_allclose(case_dice(logits, y, classes=list(regions.values())).numpy(), expected.numpy(), rtol=1e-12)
 
 
 def test_worst_case_bad_members_are_refused_before_running():

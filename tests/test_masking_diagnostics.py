@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from common.attacks import APGD, case_dice
 from common.losses import DistillationDiceLoss, SegmentationLoss, SoftDiceLoss
-from common.masking_diagnostics import CHECKS, MarginLoss, gradient_health, masking_diagnostics
+from common.masking_diagnostics import CHECKS, gradient_health, masking_diagnostics
 
 SATURATE = 24 * math.log(2)  # float32: 1 + e^-m rounds to 1 once e^-m ≤ 2^-24
 UNDERFLOW = 150 * math.log(2)  # float32: e^-m rounds to 0 once e^-m < 2^-150
@@ -86,7 +86,7 @@ def test_margin_loss_equals_float64_and_is_invariant_to_logit_scale():
                 m = zn[b, c, i, j] - max(zn[b, k, i, j] for k in range(3) if k != c)
                 terms.append(-m if m > 0 else 0.0)
         expected.append(np.mean(terms))
-    loss = MarginLoss()
+    loss = SegmentationLoss("margin")
     np.testing.assert_allclose(loss.per_image(z, y).numpy(), expected, rtol=1e-12)
     np.testing.assert_allclose(loss.per_image(1e4 * z, y).numpy(), 1e4 * np.array(expected), rtol=1e-12)
     t = torch.randint(0, 2, (2, 1, 5, 4), generator=g)  # one sigmoid channel: margin (2t − 1) z
@@ -94,6 +94,10 @@ def test_margin_loss_equals_float64_and_is_invariant_to_logit_scale():
     m = (2 * t - 1) * zs
     expected_sigmoid = (-m * (m > 0)).flatten(1).mean(1).numpy()
     np.testing.assert_allclose(loss.per_image(zs, t).numpy(), expected_sigmoid, rtol=1e-12)
+    w = torch.rand(2, 5, 4, generator=g, dtype=torch.float64)  # per-pixel weights (SegPGD, CosPGD) scale each term
+    expected_weighted = [np.mean([w[b].numpy().ravel()[k] * v for k, v in enumerate(per_pixel)])
+                         for b, per_pixel in enumerate((-torch.clamp_min(loss.margin(z, y), 0)).flatten(1).numpy())]
+    np.testing.assert_allclose(loss.per_image(z, y, w).numpy(), expected_weighted, rtol=1e-12)
 
 
 def test_gradient_health_counts_equal_the_float32_thresholds():
@@ -166,6 +170,73 @@ def test_passes_a_plain_unet_and_flags_its_logits_times_1e4(plain_unet, data):
     quick = lambda f: APGD(f, 8 / 255, steps=10, loss="ce", clip=(0, 1), metric=case_dice)  # noqa: E731
     assert dice(quick(plain_unet)(xt, yt)) < dice(quick(scaled)(xt, yt)) - 0.01
     json.dumps(plain), json.dumps(masked)  # plain JSON-able dicts
+
+
+def test_rescaled_js_is_js_of_the_logits_at_median_margin_4():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64) * 7
+    y = torch.randint(0, 3, (2, 1, 5, 4), generator=g)
+    zn, yn = z.numpy(), y[:, 0].numpy()
+    expected = []
+    for b in range(2):  # numpy oracle: |margin| per pixel, lower median (20 pixels: the 10th smallest), rescale
+        margins = [abs(zn[b, c, i, j] - max(zn[b, k, i, j] for k in range(3) if k != c))
+                   for i in range(5) for j in range(4) for c in [yn[b, i, j]]]
+        factor = 4.0 / np.sort(margins)[(len(margins) - 1) // 2]
+        expected.append(float(SegmentationLoss("js").per_image(z[b : b + 1] * factor, y[b : b + 1])))
+    loss = SegmentationLoss("rescaled_js")
+    np.testing.assert_allclose(loss.per_image(z, y).numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(loss.per_image(1e6 * z, y).numpy(), expected, rtol=1e-9)
+    rescaled = loss.rescaled(1e6 * z, y)
+    assert float(loss.margin(rescaled, y).abs().flatten(1).median(1).values.max()) == pytest.approx(4.0)
+    # sigmoid channels: margin (2t − 1) z over channels and pixels; any probability loss can be rescaled
+    t = torch.randint(0, 2, (2, 3, 5, 4), generator=g)
+    zs = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64) * 50
+    for b in range(2):
+        spread = np.sort(np.abs(((2 * t[b] - 1) * zs[b]).numpy()).ravel())[(60 - 1) // 2]
+        want = SegmentationLoss("dice", "sigmoid").per_image(zs[b : b + 1] * 4.0 / spread, t[b : b + 1])
+        got = SegmentationLoss("rescaled_dice", "sigmoid").per_image(zs[b : b + 1], t[b : b + 1])
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-12)
+
+
+def test_apgd_on_scale_invariant_losses_is_the_same_attack_at_any_logit_scale():
+    # oracle: scaling the logits by a power of two is exact in floating point, so the margin loss, its gradient
+    # and every loss comparison APGD makes scale exactly — the adversarial input must be identical
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(8, 3, 3, padding=1)).double()
+    x = torch.rand(2, 1, 12, 12, dtype=torch.float64)
+    with torch.no_grad():
+        y = net(x).argmax(1, keepdim=True)
+    y[:, :, :4] = 2  # some pixels wrong from the start: the mask must handle both
+    for loss in ("margin", "rescaled_js", "rescaled_dice"):
+        attack = lambda f: APGD(f, 0.05, steps=12, loss=loss, clip=(0, 1), metric=case_dice)  # noqa: E731
+        reference = attack(net)(x, y)
+        assert (reference - x).abs().max() > 0, loss
+        for scale in (2.0**-6, 2.0**10, 2.0**40):
+            assert torch.equal(attack(lambda v, s=scale: s * net(v))(x, y), reference), (loss, scale)
+    assert not torch.equal(APGD(lambda v: 2.0**10 * net(v), 0.05, steps=12, loss="js", clip=(0, 1))(x, y),
+                           APGD(net, 0.05, steps=12, loss="js", clip=(0, 1))(x, y))  # JS itself is not invariant
+
+
+def test_default_worst_case_is_not_fooled_by_saturated_logits(plain_unet, data):
+    # behaviour on a trained tiny UNet: logits × 1e4 saturate float32's softmax (the distillation mechanism,
+    # Carlini & Wagner 2016). The default ensemble must report about the same robust Dice for both — the
+    # probability losses alone (soft Dice, JS: the ensemble before the rescaled members) over-report × 1e4.
+    from common.attacks import DEFAULT_ENSEMBLE, worst_case_attack
+
+    _, (xt, yt) = data
+    scaled = lambda v: 1e4 * plain_unet(v)  # noqa: E731
+    eps = 8 / 255
+    with torch.no_grad():
+        dice = lambda x_adv: float(case_dice(plain_unet(x_adv), yt).mean())  # noqa: E731
+    probability_members = [(n, kw) for n, kw in DEFAULT_ENSEMBLE if not kw["loss"].startswith("rescaled_")]
+    assert 0 < len(probability_members) < len(DEFAULT_ENSEMBLE)
+    plain = dice(worst_case_attack(plain_unet, xt, yt, eps=eps, clip=(0, 1)))
+    saturated = dice(worst_case_attack(scaled, xt, yt, eps=eps, clip=(0, 1)))
+    without_margin = dice(worst_case_attack(scaled, xt, yt, eps=eps, clip=(0, 1), attacks=probability_members))
+    clean = dice(xt)
+    assert plain < clean - 0.1  # the attack bites on the plain network
+    assert without_margin > plain + 0.05  # the old ensemble over-reports on saturated logits
+    assert saturated <= plain + 0.02  # the default does not
 
 
 def test_distilled_unet_is_flagged_for_saturation_and_its_gradient_still_attacks(data):

@@ -48,7 +48,8 @@ def apgd_checkpoints(steps: int) -> list[int]:
 
 class APGD(PixelwiseAttack):
     """Auto-PGD (Croce & Hein, ICML 2020) with any per-image loss (the SEA losses of Croce, Singh, Hein,
-    ECCV 2024: ``"masked_ce"``, ``"balanced_masked_ce"``, ``"js"``; or ``"ce"``, ``"dice"``).
+    ECCV 2024: ``"masked_ce"``, ``"balanced_masked_ce"``, ``"js"``; the logit-scale-invariant ``"margin"`` and
+    ``"rescaled_<name>"``; or ``"ce"``, ``"dice"``).
 
     Args:
         steps: iterations N (gradient evaluations).

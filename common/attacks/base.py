@@ -115,7 +115,8 @@ class Attack(abc.ABC):
         eps: L∞ radius ε ≥ 0 (a number, or per-sample values of shape (B,)).
         loss: a name of :data:`common.losses.LOSS_NAMES` — ``"ce"``, ``"dice"`` (soft Dice of Liu et al.,
             J. Digit. Imaging 2021, Eq. 5–6, background excluded), ``"dicece"``, and the SEA losses
-            ``"masked_ce"``, ``"balanced_masked_ce"``, ``"js"`` (Croce, Singh, Hein, ECCV 2024) — or a
+            ``"masked_ce"``, ``"balanced_masked_ce"``, ``"js"`` (Croce, Singh, Hein, ECCV 2024), the
+            logit-scale-invariant ``"margin"`` and ``"rescaled_<name>"`` (e.g. ``"rescaled_dice"``) — or a
             callable ``(logits, y) -> scalar``.
         targeted: descend the loss toward target labels instead of ascending it away from ``y``.
         clip: ``(low, high)`` valid input range, or ``None``.

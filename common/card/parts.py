@@ -63,7 +63,8 @@ BUDGETS: dict[str, dict[str, Any]] = {
     "quick": {"attacks": ("FGSM-ce", "IFGSM-ce", "IFGSM-dice"), "steps": 5, "ensemble": None, "n0": 8, "n": 32},
     "standard": {"attacks": tuple(ATTACKS), "steps": 10, "ensemble": DEFAULT_ENSEMBLE, "n0": 10, "n": 100},
     "thorough": {"attacks": tuple(ATTACKS), "steps": 20,
-                 "ensemble": (("APGD", {"loss": "dice", "steps": 100}), ("APGD", {"loss": "js", "steps": 200}),
+                 "ensemble": (("APGD", {"loss": "dice", "steps": 100}), ("APGD", {"loss": "rescaled_dice", "steps": 100}),
+                              ("APGD", {"loss": "rescaled_js", "steps": 100}), ("APGD", {"loss": "js", "steps": 200}),
                               ("SegPGD", {"loss": "ce", "steps": 100}), ("CosPGD", {"loss": "ce", "steps": 100})),
                  "n0": 20, "n": 500},
 }

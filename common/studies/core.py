@@ -136,8 +136,9 @@ def run_attack(attack: Callable, x: torch.Tensor, y: torch.Tensor, batch_size: i
 
 
 def worst_case_name() -> str:
-    """Name of the worst-case attack :func:`worst_case` runs (stated in every study's settings)."""
-    return "common.attacks.worst_case_attack (SEA-style per-case worst case, issue #14)"
+    """Name and members of the worst-case attack :func:`worst_case` runs (stated in every study's settings)."""
+    members = ", ".join(f"{name} {kw['loss']} {kw['steps']} steps" for name, kw in attacks.DEFAULT_ENSEMBLE)
+    return f"common.attacks.worst_case_attack (SEA-style per-case worst case over {members})"
 
 
 def worst_case(
@@ -148,14 +149,16 @@ def worst_case(
     clip: Sequence[float] | None = (0.0, 1.0),
     batch_size: int = 8,
     seed: int = 0,
+    classes: Sequence | None = None,
 ) -> torch.Tensor:
     """Per-case worst adversarial input at L∞ radius ``eps`` (N, C, *spatial):
     ``common.attacks.worst_case_attack`` (the default ensemble) in batches of ``batch_size``; each case keeps
-    the member's input with the lowest mean foreground-class Dice (``common.attacks.case_dice``)."""
+    the member's input with the lowest Dice of ``classes`` (``common.attacks.case_dice``: ``None`` the mean
+    foreground-class Dice; a list of label lists the mean region Dice — score what the study reports)."""
     if eps == 0:
         return x.clone()
     outs = [attacks.worst_case_attack(forward, x[s : s + batch_size], y[s : s + batch_size], eps=eps, clip=clip,
-                                      seed=seed) for s in range(0, x.shape[0], batch_size)]
+                                      seed=seed, classes=classes) for s in range(0, x.shape[0], batch_size)]
     return torch.cat(outs)
 
 
