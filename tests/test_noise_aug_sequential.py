@@ -66,7 +66,7 @@ def test_sequential_noise_is_a_noisy_step_then_a_clean_step(beta):
     _sgd(oracle, loss_clean, lr)
     for a, b in zip(net.parameters(), oracle.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    assert float(out["loss"]) == pytest.approx(float((loss_noisy + loss_clean).detach()), rel=1e-6)
+    assert float(torch.as_tensor(out["loss"]).detach()) == pytest.approx(float((loss_noisy + loss_clean).detach()), rel=1e-6)
 
 
 def test_joint_noise_default_is_one_step_on_the_weighted_sum():
