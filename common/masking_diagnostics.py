@@ -66,12 +66,6 @@ CHECKS = (
 )
 
 
-def _attack_loss(name: str) -> str:
-    if name not in LOSS_NAMES:
-        raise ValueError(f"losses: expected names of {LOSS_NAMES}, got {name!r}")
-    return name
-
-
 def _mean_dice(forward: Callable, x: torch.Tensor, y: torch.Tensor, output: str, classes) -> float:
     with torch.no_grad():
         logits = main_output(forward(x))
@@ -176,7 +170,9 @@ def masking_diagnostics(
     large_eps_steps = max(steps, check_positive_int(large_eps_steps, "large_eps_steps"))
     if isinstance(losses, str) or not losses:
         raise ValueError(f"losses: expected a non-empty list of loss names, got {losses!r}")
-    loss_objs = {name: _attack_loss(name) for name in losses}
+    unknown = [name for name in losses if name not in LOSS_NAMES]
+    if unknown:
+        raise ValueError(f"losses: expected names of {LOSS_NAMES}, got {unknown[0]!r}")
     if temperature is not None:
         temperature = check_nonnegative(temperature, "temperature")
         if temperature == 0:
@@ -218,14 +214,13 @@ def masking_diagnostics(
         noise = (2 * torch.rand(x.shape, generator=generator, dtype=x.dtype) - 1).to(x.device) * eps
         x_noise = x + noise
         noisy.append(dice(x_noise.clamp(*clip) if clip is not None else x_noise))
-        for name, loss in loss_objs.items():
-            attacked[name].append(dice(attack(forward, eps, loss)(x, y)))
-            single[name].append(dice(FGSM(forward, eps, loss=loss, clip=clip, output=output)(x, y)))
+        for name in losses:
+            attacked[name].append(dice(attack(forward, eps, name)(x, y)))
+            single[name].append(dice(FGSM(forward, eps, loss=name, clip=clip, output=output)(x, y)))
             if surrogate is not None:
-                transfer[name].append(dice(attack(surrogate, eps, loss)(x, y)))
-    large_losses = {**loss_objs, "js": "js"}
-    for name, loss in large_losses.items():
-        large[name] = dice(large_attack(forward, large_eps, loss)(x, y))
+                transfer[name].append(dice(attack(surrogate, eps, name)(x, y)))
+    for name in dict.fromkeys([*losses, "js"]):
+        large[name] = dice(large_attack(forward, large_eps, name)(x, y))
 
     grid = [0.0, *eps_grid]
     rises = {}
